@@ -1,0 +1,161 @@
+"""Shape buckets, the compile log and the persistent compilation cache.
+
+The engine rounds every dynamic size up to a small fixed set of buckets so that a job with
+thousands of differently sized prompts compiles a handful of programs:
+  * batch: number of decode slots B, and rows per prefill call P;
+  * length: cache length L (prompt + max_new_tokens, rounded up);
+  * chunk: tokens per prefill call T (prompts longer than the largest chunk are prefilled in
+    chunks of that size, so peak activation memory is bounded).
+Every compile is logged (program, shapes, seconds) and counted in `COMPILE_LOG`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def round_up(n: int, buckets: tuple[int, ...], what: str = "size") -> int:
+    """Smallest bucket >= n; beyond the largest, n rounded up to a multiple of the largest."""
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0, got {n}")
+    for b in buckets:
+        if b >= n:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The shape buckets of one engine (a config setting; hashable).
+
+    Attributes:
+      batch: allowed batch sizes (decode slots and prefill rows), ascending.
+      length: allowed cache lengths (prompt + max_new_tokens, rounded up), ascending.
+      chunk: allowed prefill chunk lengths, ascending; the largest is the prefill chunk size.
+    """
+
+    batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    length: tuple[int, ...] = (128, 512, 2048, 8192, 32_768, 131_072)
+    chunk: tuple[int, ...] = (32, 128, 512)
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "length", "chunk"):
+            v = getattr(self, name)
+            if not v or list(v) != sorted(set(v)) or v[0] < 1:
+                raise ValueError(f"Buckets.{name} must be distinct positive ints in ascending "
+                                 f"order, got {v}")
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk[-1]
+
+    def batch_bucket(self, n: int) -> int:
+        return round_up(max(n, 1), self.batch, "batch size")
+
+    def length_bucket(self, n: int) -> int:
+        return round_up(max(n, 1), self.length, "sequence length")
+
+    def chunk_bucket(self, n: int) -> int:
+        return min(round_up(max(n, 1), self.chunk, "chunk length"), self.chunk_size)
+
+    def batch_buckets_upto(self, b: int) -> tuple[int, ...]:
+        """The batch buckets a prefill into `b` slots may use."""
+        return tuple(x for x in self.batch if x < b) + (b,)
+
+
+DEFAULT_BUCKETS = Buckets()
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    program: str
+    shapes: str
+    seconds: float
+
+
+class CompileLog:
+    """Compiled programs, keyed by (program, static shapes); logs each compile."""
+
+    def __init__(self) -> None:
+        self._programs: dict[Hashable, Any] = {}
+        self.records: list[CompileRecord] = []
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, program: str, shapes: str, build: Callable[[], Any]) -> Any:
+        """Returns the compiled program for `key`, compiling (and logging) it on first use."""
+        with self._lock:
+            hit = self._programs.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            compiled = build()
+            dt = time.perf_counter() - t0
+            self._programs[key] = compiled
+            self.records.append(CompileRecord(program, shapes, dt))
+            log.info("compiled %s %s in %.2fs", program, shapes, dt)
+            return compiled
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def clear(self) -> None:
+        """Forgets compiled programs (the persistent cache on disk is kept)."""
+        with self._lock:
+            self._programs.clear()
+            self.records.clear()
+
+
+COMPILE_LOG = CompileLog()
+
+_cache_dir: Path | None = None
+
+
+def default_cache_dir() -> Path:
+    """`$GEMMA_BATCH_CACHE/jax` if set, else `~/.cache/gemma-batch/jax` (XDG_CACHE_HOME honoured)."""
+    root = os.environ.get("GEMMA_BATCH_CACHE")
+    if root:
+        return Path(root).expanduser() / "jax"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gemma-batch" / "jax"
+
+
+def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache (once per process); returns its directory.
+
+    Set GEMMA_BATCH_CACHE=off to disable it. A directory that cannot be created is logged and
+    skipped: the cache only makes later runs start faster.
+    """
+    global _cache_dir
+    if _cache_dir is not None:
+        return _cache_dir
+    if os.environ.get("GEMMA_BATCH_CACHE", "").lower() in ("off", "0", "none"):
+        return None
+    d = Path(path) if path is not None else default_cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("JAX compilation cache disabled: cannot create %s (%s)", d, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _cache_dir = d
+    log.info("JAX persistent compilation cache: %s", d)
+    return d

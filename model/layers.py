@@ -1,0 +1,58 @@
+"""Small shared building blocks: RMSNorm, RoPE, GeGLU activation, soft-capping.
+
+Dimension letters used across model/: B batch, T query time, S key slots, D d_model,
+H query heads, K key/value heads, G query heads per kv head (H = K * G), Dh head dim,
+F MLP hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def rms_norm(x: Array, w: Array, eps: float = 1e-6) -> Array:
+    """Gemma RMSNorm: normalise in float32, scale by (1 + w), return in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU with the tanh approximation, as Gemma was trained."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """tanh soft-capping to (-cap, cap); identity when cap is None."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def rope(x: Array, positions: Array, base: float, scale: float = 1.0,
+         rotary_dims: int | None = None) -> Array:
+    """Rotary position embedding in the "rotate half" layout.
+
+    Args:
+      x: [B, T, N, Dh] queries or keys.
+      positions: [B, T] integer positions (negative values are treated as 0).
+      base: RoPE wavelength.
+      scale: linear scaling factor (positions are divided by it).
+      rotary_dims: rotate only the first `rotary_dims` features (default: all of Dh).
+    Returns:
+      [B, T, N, Dh] in x's dtype.
+    """
+    dh = x.shape[-1]
+    rd = dh if rotary_dims is None else rotary_dims
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))  # [rd/2]
+    pos = jnp.maximum(positions, 0).astype(jnp.float32) / scale  # [B, T]
+    angles = pos[..., None] * inv_freq  # [B, T, rd/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, rd/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    xr, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([out, rest], axis=-1) if rd < dh else out

@@ -1,0 +1,244 @@
+"""Gemma 1 / 2 / 3 (text) decoder in plain JAX.
+
+Family interface shared with `model.griffin` (the engine relies on nothing else):
+  init_params(cfg, key, dtype) -> params
+  init_state(cfg, batch, max_len, dtype) -> KVState
+  forward(params, tokens, positions, state, cfg) -> (logits, new_state)
+
+The KV cache is position-tagged: every slot remembers the position it holds (-1 = empty), so
+one masking rule serves prefill, decode, ring buffers and slot reuse:
+  a query at position p sees a key at position q  iff  0 <= q <= p  (and p - q < window on local
+  layers). Global layers hold `max_len` slots (slot = position); local (sliding-window) layers hold
+  a ring of `min(window, max_len)` slots (slot = position % window), so their memory does not grow
+  with the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import GemmaConfig
+from model.layers import gelu_tanh, rms_norm, rope, softcap
+
+Array = jax.Array
+Params = dict[str, Any]
+
+_NEG = -1e30  # mask value for attention scores (float32)
+
+
+@flax.struct.dataclass
+class KVState:
+    """Per-layer K/V caches and the positions their slots hold.
+
+    k, v: per layer [B, S_l, K, Dh]; S_l = max_len on global layers, the ring size on local ones.
+    pos_global: [B, max_len] int32 position held by each global slot (-1 = empty).
+    pos_local: [B, ring] int32 position held by each local ring slot (-1 = empty).
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    pos_global: Array
+    pos_local: Array
+
+
+def _ring_size(cfg: GemmaConfig, max_len: int) -> int:
+    return min(cfg.sliding_window or max_len, max_len)
+
+
+def init_params(cfg: GemmaConfig, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters with the real tree and shapes (for tests, benchmarks and tiny presets)."""
+    d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+    keys = iter(jax.random.split(key, 4 + 16 * cfg.num_layers))
+
+    def normal(shape, fan_in):
+        return (jax.random.normal(next(keys), shape) / math.sqrt(fan_in)).astype(dtype)
+
+    def norm(n):  # around 0 so that (1 + w) is near 1 but not exactly
+        return (0.1 * jax.random.normal(next(keys), (n,))).astype(dtype)
+
+    layers = []
+    for _ in range(cfg.num_layers):
+        layer = {
+            "attn_norm": norm(d),
+            "q": normal((d, h, dh), d),
+            "k": normal((d, k, dh), d),
+            "v": normal((d, k, dh), d),
+            "o": normal((h, dh, d), h * dh),
+            "ffw_norm": norm(d),
+            "gate": normal((d, f), d),
+            "up": normal((d, f), d),
+            "down": normal((f, d), f),
+        }
+        if cfg.qk_norm:
+            layer["q_norm"], layer["k_norm"] = norm(dh), norm(dh)
+        if cfg.post_norms:
+            layer["post_attn_norm"], layer["post_ffw_norm"] = norm(d), norm(d)
+        layers.append(layer)
+    return {
+        "embed": normal((cfg.vocab_size, d), d),
+        "final_norm": norm(d),
+        "layers": layers,
+    }
+
+
+def init_state(cfg: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVState:
+    """Empty caches for `batch` rows of up to `max_len` positions."""
+    ring = _ring_size(cfg, max_len)
+    shapes = [(batch, ring if t == "local" else max_len, cfg.num_kv_heads, cfg.head_dim)
+              for t in cfg.layer_types]
+    return KVState(
+        k=tuple(jnp.zeros(s, dtype) for s in shapes),
+        v=tuple(jnp.zeros(s, dtype) for s in shapes),
+        pos_global=jnp.full((batch, max_len), -1, jnp.int32),
+        pos_local=jnp.full((batch, ring), -1, jnp.int32),
+    )
+
+
+def _write_slots(positions: Array, size: int, ring: bool) -> Array:
+    """Slot index per token for a cache of `size` slots; `size` (out of range) means "drop".
+
+    positions: [B, T]. Padding (-1) is dropped; on a ring only the last `size` positions of each
+    row are written, so no two tokens of one chunk land in the same slot.
+    """
+    valid = positions >= 0
+    if ring:
+        last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]
+        valid &= positions > last - size
+        slots = positions % size
+    else:
+        valid &= positions < size
+        slots = positions
+    return jnp.where(valid, slots, size)
+
+
+def _scatter(cache: Array, slots: Array, values: Array) -> Array:
+    """cache[b, slots[b, t]] = values[b, t]; out-of-range slots are dropped."""
+    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
+    return cache.at[rows, slots].set(values.astype(cache.dtype), mode="drop")
+
+
+def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
+               cache: tuple[Array, Array, Array] | None, write_slots: Array | None
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+    """Self-attention of one layer.
+
+    Args:
+      x: [B, T, D] normalised input.
+      positions: [B, T] (-1 = padding).
+      cache: (k [B,S,K,Dh], v [B,S,K,Dh], slot positions [B,S] after resets) or None.
+      write_slots: [B, T] slot per token for this layer's cache (S = drop).
+    Returns:
+      ([B, T, D] output, (new k, new v) or None).
+    """
+    b, t, _ = x.shape
+    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    q = jnp.einsum("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
+    k = jnp.einsum("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
+    v = jnp.einsum("btd,dnk->btnk", x, layer["v"])
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
+        k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
+    base = cfg.rope_base_local if local else cfg.rope_base_global
+    scale = 1.0 if local else cfg.rope_scale_global
+    q = rope(q, positions, base, scale)
+    k = rope(k, positions, base, scale)
+    q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+
+    new_kv = None
+    if cache is None:
+        keys, values, key_pos = k, v, positions
+    else:
+        ck, cv, cpos = cache
+        ck, cv = _scatter(ck, write_slots, k), _scatter(cv, write_slots, v)
+        new_kv = (ck, cv)
+        if t == 1:
+            # One token: writing first is safe (it only evicts a slot the query cannot see).
+            keys, values, key_pos = ck, cv, _scatter(cpos, write_slots, positions)
+        else:
+            # A chunk may overwrite ring slots its own early queries still need: attend to the
+            # old cache plus the chunk itself.
+            keys = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=1)
+            values = jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=1)
+            key_pos = jnp.concatenate([cpos, positions], axis=1)
+
+    qg = q.reshape(b, t, kh, g, cfg.head_dim)  # [B, T, K, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    scores = softcap(scores, cfg.attn_softcap)
+    qp, kp = positions[:, :, None], key_pos[:, None, :]  # [B, T, 1], [B, 1, S]
+    mask = (kp >= 0) & (kp <= qp)
+    if local:
+        mask &= qp - kp < cfg.sliding_window
+    scores = jnp.where(mask[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, K, G, Dh]
+    out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
+    return jnp.einsum("bthk,hkd->btd", out, layer["o"]), new_kv
+
+
+def _mlp(layer: Params, x: Array) -> Array:
+    gate = gelu_tanh(x @ layer["gate"])  # [B, T, F]
+    return (gate * (x @ layer["up"])) @ layer["down"]
+
+
+def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,
+            cfg: GemmaConfig) -> tuple[Array, KVState | None]:
+    """Runs the decoder over a chunk of tokens.
+
+    Args:
+      params: the parameter tree.
+      tokens: [B, T] int32.
+      positions: [B, T] int32, -1 for padding; a row containing position 0 starts a new sequence
+        (its cached entries are dropped first).
+      state: caches from `init_state`, or None for a full causal forward without cache.
+      cfg: static config.
+    Returns:
+      (logits [B, T, V] float32, updated state or None).
+    """
+    dtype = params["embed"].dtype
+    x = params["embed"][tokens]  # [B, T, D]
+    x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+
+    new_k, new_v = [], []
+    if state is not None:
+        restart = jnp.any(positions == 0, axis=1, keepdims=True)  # [B, 1]
+        pos_g = jnp.where(restart, -1, state.pos_global)
+        pos_l = jnp.where(restart, -1, state.pos_local)
+        slots_g = _write_slots(positions, pos_g.shape[1], ring=False)
+        slots_l = _write_slots(positions, pos_l.shape[1], ring=True)
+
+    for i, layer in enumerate(params["layers"]):
+        local = cfg.layer_types[i] == "local"
+        cache = slots = None
+        if state is not None:
+            cache = (state.k[i], state.v[i], pos_l if local else pos_g)
+            slots = slots_l if local else slots_g
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
+        h, kv = _attention(cfg, layer, h, positions, local, cache, slots)
+        if cfg.post_norms:
+            h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
+        x = x + h
+        h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
+        if cfg.post_norms:
+            h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
+        x = x + h
+        if kv is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+
+    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
+    logits = softcap(logits, cfg.final_softcap)
+    if state is None:
+        return logits, None
+    new_state = KVState(
+        k=tuple(new_k), v=tuple(new_v),
+        pos_global=_scatter(pos_g, slots_g, positions),
+        pos_local=_scatter(pos_l, slots_l, positions),
+    )
+    return logits, new_state
