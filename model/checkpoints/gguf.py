@@ -1,0 +1,490 @@
+"""GGUF (llama.cpp) checkpoints of Gemma 1/2/3: config, float weights and tokenizer.
+
+`load_gguf(path)` reads the file with the `gguf` package, takes the config from its metadata,
+dequantizes every tensor (Q4_K, Q5_0, Q6_K, Q8_0, F16, BF16, F32, ... through
+`gguf.quants.dequantize`), maps llama.cpp's names and conventions onto our parameter tree and
+rebuilds the SentencePiece tokenizer. The dequantized float32 tree is cached on disk (one
+safetensors file keyed by the GGUF's content) so a reload takes seconds.
+
+llama.cpp conventions undone here:
+* the converter stores every RMSNorm weight as `1 + w` (HF Gemma applies `1 + w` at run time,
+  llama.cpp bakes it in): we subtract 1;
+* 2-D weights are stored [out, in] in numpy order (`attn_q` [H*Dh, D], `attn_output` [D, H*Dh],
+  `ffn_down` [D, F]); we transpose and split the heads;
+* Gemma's RoPE is already the "rotate half" (NeoX) layout in llama.cpp, so q/k rows are not
+  permuted (unlike llama-architecture files).
+Things llama.cpp hard-codes for Gemma 3 rather than storing: the local RoPE base (10,000) and
+the 5-local-to-1-global layer pattern; we use the metadata when a newer file carries them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import GemmaConfig, gemma2_layer_types, gemma3_layer_types
+from model.errors import CheckpointError
+
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+_CACHE_FORMAT = "gemma-batch-gguf-f32-v1"  # bump when the mapping below changes
+
+# llama.cpp per-layer tensor name -> (our name, is an RMSNorm weight stored as 1 + w).
+_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
+    "attn_norm": ("attn_norm", True),
+    "attn_q": ("q", False),
+    "attn_k": ("k", False),
+    "attn_v": ("v", False),
+    "attn_output": ("o", False),
+    "attn_q_norm": ("q_norm", True),
+    "attn_k_norm": ("k_norm", True),
+    "post_attention_norm": ("post_attn_norm", True),
+    "ffn_norm": ("ffw_norm", True),
+    "ffn_gate": ("gate", False),
+    "ffn_up": ("up", False),
+    "ffn_down": ("down", False),
+    "post_ffw_norm": ("post_ffw_norm", True),
+}
+_OPTIONAL = {"q_norm", "k_norm", "post_attn_norm", "post_ffw_norm"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open(path: Path):
+    """Opens a GGUF with `gguf.GGUFReader`, turning every parse failure into one clear line."""
+    import gguf
+
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist; check the path")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+            "pass a .gguf produced by llama.cpp's converter"
+        )
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/... on a cut header
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+            "download or assemble the file again"
+        ) from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise CheckpointError(
+                f"{path} is truncated: tensor {t.name} needs bytes up to {end} but the file has "
+                f"{size}; download or assemble the file again"
+            )
+    return reader
+
+
+def _field_value(field) -> Any:
+    """Decodes one GGUF metadata field into a Python value (arrays become lists)."""
+    from gguf import GGUFValueType
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def scalar(part, t):
+        if t == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        v = part.tolist()
+        v = v[0] if isinstance(v, list) and len(v) == 1 else v
+        return bool(v) if t == GGUFValueType.BOOL else v
+
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[-1] if len(types) > 1 else None
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        if not field.data:
+            return []
+        # Numeric arrays: each element is its own part; concatenate them in one go.
+        return np.concatenate([field.parts[i] for i in field.data]).tolist()
+    return scalar(field.parts[field.data[0]], types[0])
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """All metadata key/values of an open GGUFReader."""
+    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _uniform(value: Any, key: str, where: str) -> int:
+    if isinstance(value, list):
+        if not value or len(set(value)) != 1:
+            raise CheckpointError(
+                f"{where}: {key} varies per layer ({value[:8]}...); only uniform layers are supported"
+            )
+        value = value[0]
+    return int(value)
+
+
+def config_from_metadata(
+    md: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], where: str = "GGUF"
+) -> GemmaConfig:
+    """Builds a GemmaConfig from GGUF metadata plus tensor shapes (numpy order)."""
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: general.architecture is {arch!r}; gemma-batch reads GGUF files of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} only"
+        )
+
+    def need(key: str) -> Any:
+        full = f"{arch}.{key}"
+        if full not in md:
+            raise CheckpointError(f"{where}: metadata key {full} is missing; the file is incomplete")
+        return md[full]
+
+    def opt(key: str, default: Any) -> Any:
+        return md.get(f"{arch}.{key}", default)
+
+    d_model = int(need("embedding_length"))
+    num_layers = int(need("block_count"))
+    num_heads = _uniform(need("attention.head_count"), "attention.head_count", where)
+    num_kv_heads = _uniform(opt("attention.head_count_kv", num_heads), "head_count_kv", where)
+    head_dim = int(opt("attention.key_length", d_model // num_heads))
+    ffw_dim = _uniform(need("feed_forward_length"), "feed_forward_length", where)
+    if "token_embd.weight" not in tensor_shapes:
+        raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
+    vocab_size = int(tensor_shapes["token_embd.weight"][0])
+
+    window = opt("attention.sliding_window", None)
+    pattern = opt("attention.sliding_window_pattern", None)
+    if arch == "gemma":
+        layer_types = ("global",) * num_layers
+        window = None
+    elif isinstance(pattern, list) and len(pattern) == num_layers:
+        # Newer files list per layer whether it uses the sliding window.
+        layer_types = tuple("local" if p else "global" for p in pattern)
+    elif arch == "gemma2":
+        layer_types = gemma2_layer_types(num_layers)
+        window = window or 4096
+    else:  # gemma3; llama.cpp hard-codes a period of 6 (5 local, 1 global)
+        period = int(pattern) if isinstance(pattern, (int, float)) and pattern else 6
+        layer_types = gemma3_layer_types(num_layers, period)
+    if "local" in layer_types and not window:
+        raise CheckpointError(f"{where}: {arch} has sliding-window layers but no {arch}.attention.sliding_window")
+
+    rope_base = float(opt("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0))
+    rope_local = float(opt("rope.freq_base_swa", 10_000.0)) if arch == "gemma3" else rope_base
+    scale = 1.0
+    if opt("rope.scaling.type", "none") == "linear":
+        scale = float(opt("rope.scaling.factor", 1.0))
+    # llama.cpp scales queries by head_dim ** -0.5, except for the 27B models, which use
+    # (d_model / num_heads) ** -0.5 (they have head_dim 128 but d_model / heads 144 or 168).
+    is_27b = (arch, num_layers) in (("gemma2", 46), ("gemma3", 62))
+    qscale = float(d_model // num_heads if is_27b else head_dim)
+
+    def softcap(key: str) -> float | None:
+        v = opt(key, None)
+        return float(v) if v else None
+
+    tokens = md.get("tokenizer.ggml.tokens") or []
+    eot = tokens.index("<end_of_turn>") if "<end_of_turn>" in tokens else None
+    return GemmaConfig(
+        family=arch,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        ffw_dim=ffw_dim,
+        layer_types=layer_types,
+        sliding_window=int(window) if window else None,
+        rope_base_global=rope_base,
+        rope_base_local=rope_local,
+        rope_scale_global=scale,
+        query_pre_attn_scalar=qscale,
+        attn_softcap=softcap("attn_logit_softcapping"),
+        final_softcap=softcap("final_logit_softcapping"),
+        post_norms="blk.0.post_attention_norm.weight" in tensor_shapes,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_shapes,
+        # float32 in the file: 1e-6 reads back as 9.99999997e-07; keep 7 significant digits
+        rms_eps=float(f"{float(opt('attention.layer_norm_rms_epsilon', 1e-6)):.7g}"),
+        max_seq_len=int(opt("context_length", 8192)),
+        bos_id=int(md.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_id=int(md.get("tokenizer.ggml.eos_token_id", 1)),
+        pad_id=int(md.get("tokenizer.ggml.padding_token_id", 0)),
+        end_of_turn_id=eot,
+    )
+
+
+def checkpoint_info(md: dict[str, Any], reader, where: str) -> dict[str, Any]:
+    """What we learn about the checkpoint: name, quantization, instruction-tuned or base."""
+    name = str(md.get("general.name") or Path(where).stem)
+    finetune = str(md.get("general.finetune") or "")
+    template = md.get("tokenizer.chat_template")
+    words = set(re.split(r"[^a-z0-9]+", f"{name} {finetune} {Path(where).stem}".lower()))
+    if words & {"it", "instruct", "chat"}:
+        tuned = True
+    elif words & {"pt", "base", "pretrained"}:
+        tuned = False
+    else:  # no word either way: a chat template is the best sign left
+        tuned = bool(template)
+    return {
+        "name": name,
+        "architecture": md.get("general.architecture"),
+        "size_label": md.get("general.size_label"),
+        "file_type": md.get("general.file_type"),
+        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
+        "instruction_tuned": tuned,
+        "prompt_format": "chat" if tuned else "completion",
+        "chat_template": bool(template),
+        "source": "gguf",
+    }
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _dequantize(t) -> np.ndarray:
+    """float32 array in numpy order (rows = GGUF's last dimension), e.g. attn_q [H*Dh, D]."""
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(np.asarray(t.data), t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"tensor {t.name} uses quantization {t.tensor_type.name}, which the installed gguf "
+            "package cannot dequantize; upgrade it: pip install -U gguf"
+        ) from None
+    shape = tuple(int(s) for s in reversed(list(t.shape)))
+    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+
+
+def _map_tensors(reader, cfg: GemmaConfig, where: str) -> dict[str, np.ndarray]:
+    """Dequantizes and maps every tensor onto flat names of our tree ("layers.3.q", ...)."""
+    d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+    expected: dict[str, tuple[int, ...]] = {
+        "q": (d, h, dh), "k": (d, k, dh), "v": (d, k, dh), "o": (h, dh, d),
+        "gate": (d, f), "up": (d, f), "down": (f, d),
+        "attn_norm": (d,), "ffw_norm": (d,), "post_attn_norm": (d,), "post_ffw_norm": (d,),
+        "q_norm": (dh,), "k_norm": (dh,),
+    }
+    flat: dict[str, np.ndarray] = {}
+    layer_re = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+    for t in reader.tensors:
+        w = _dequantize(t)
+        if t.name == "token_embd.weight":
+            flat["embed"] = w  # [V, D]
+            continue
+        if t.name == "output_norm.weight":
+            flat["final_norm"] = w - 1.0
+            continue
+        if t.name == "output.weight":
+            continue  # Gemma ties the output projection to the embedding
+        m = layer_re.fullmatch(t.name)
+        if not m or m.group(2) not in _LAYER_TENSORS:
+            continue  # e.g. rope_freqs: nothing our model needs
+        i = int(m.group(1))
+        name, is_norm = _LAYER_TENSORS[m.group(2)]
+        if name == "q":  # [H*Dh, D] -> [D, H, Dh]
+            w = w.T.reshape(d, h, dh)
+        elif name in ("k", "v"):  # [K*Dh, D] -> [D, K, Dh]
+            w = w.T.reshape(d, k, dh)
+        elif name == "o":  # [D, H*Dh] -> [H, Dh, D]
+            w = w.T.reshape(h, dh, d)
+        elif name in ("gate", "up", "down"):  # [out, in] -> [in, out]
+            w = w.T
+        elif is_norm:
+            w = w - 1.0
+        if w.shape != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {t.name} has shape {w.shape} after mapping, expected "
+                f"{expected[name]} from the metadata; the file is inconsistent"
+            )
+        flat[f"layers.{i}.{name}"] = np.ascontiguousarray(w, dtype=np.float32)
+    if "embed" in flat and flat["embed"].shape != (cfg.vocab_size, d):
+        raise CheckpointError(f"{where}: token_embd has shape {flat['embed'].shape}, expected [V, {d}]")
+    needed = ["embed", "final_norm"] + [
+        f"layers.{i}.{n}"
+        for i in range(cfg.num_layers)
+        for n, _ in _LAYER_TENSORS.values()
+        if n not in _OPTIONAL
+        or (n in ("q_norm", "k_norm") and cfg.qk_norm)
+        or (n.startswith("post_") and cfg.post_norms)
+    ]
+    missing = [n for n in needed if n not in flat]
+    if missing:
+        raise CheckpointError(
+            f"{where}: {len(missing)} tensors are missing (first: {missing[0]}); the file is incomplete"
+        )
+    return flat
+
+
+def unflatten(flat: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Flat names ("layers.3.q") -> the nested parameter tree of model/transformer.py."""
+    layers: list[dict[str, Any]] = [{} for _ in range(num_layers)]
+    tree: dict[str, Any] = {"layers": layers}
+    for name, w in flat.items():
+        if name.startswith("layers."):
+            _, i, leaf = name.split(".")
+            layers[int(i)][leaf] = w
+        else:
+            tree[name] = w
+    return tree
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _content_key(path: Path) -> str:
+    """A cheap content key: size, the first 8 MiB (header + metadata) and the last 1 MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{_CACHE_FORMAT}|{size}|".encode())
+    with path.open("rb") as f:
+        h.update(f.read(8 << 20))
+        if size > 9 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:24]
+
+
+def _cache_paths(path: Path) -> tuple[Path, Path]:
+    from model.embedded import cache_dir
+
+    key = _content_key(path)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
+    base = cache_dir() / "gguf-f32"
+    return base / f"{stem}-{key}.safetensors", base / f"{stem}-{key}.tokenizer.model"
+
+
+def _atomic_write(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _config_to_json(cfg: GemmaConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def _config_from_json(text: str) -> GemmaConfig:
+    d = json.loads(text)
+    d["layer_types"] = tuple(d["layer_types"])
+    return GemmaConfig(**d)
+
+
+def _read_cache(path: Path):
+    """(cfg, info, flat weights, tokenizer proto) from the cache, or None if absent/damaged."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    weights_file, proto_file = _cache_paths(path)
+    if not (weights_file.exists() and proto_file.exists()):
+        return None
+    try:
+        with safe_open(weights_file, framework="numpy") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != _CACHE_FORMAT:
+            return None
+        cfg = _config_from_json(meta["config"])
+        info = json.loads(meta["info"])
+        return cfg, info, load_file(weights_file), proto_file.read_bytes()
+    except Exception:  # a damaged cache entry is rebuilt, never trusted
+        return None
+
+
+def _write_cache(path: Path, cfg: GemmaConfig, info: dict, flat: dict, proto: bytes) -> None:
+    from safetensors.numpy import save_file
+
+    weights_file, proto_file = _cache_paths(path)
+    meta = {
+        "format": _CACHE_FORMAT,
+        "source": str(path),
+        "config": _config_to_json(cfg),
+        "info": json.dumps(info),
+    }
+    try:
+        _atomic_write(proto_file, lambda tmp: Path(tmp).write_bytes(proto))
+        _atomic_write(weights_file, lambda tmp: save_file(flat, tmp, metadata=meta))
+    except OSError:
+        pass  # a read-only cache only costs the dequantization next time
+
+
+def read_gguf_numpy(path: str | os.PathLike, *, use_cache: bool = True):
+    """Like `load_gguf` but returns flat float32 numpy weights and the tokenizer proto bytes.
+
+    Returns:
+      (config, flat: {"embed": [V, D], "layers.3.q": [D, H, Dh], ...}, proto: bytes, info).
+    """
+    from model.sp_model import sp_model_proto_from_gguf
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist; check the path")
+    if use_cache:
+        hit = _read_cache(path)
+        if hit is not None:
+            cfg, info, flat, proto = hit
+            return cfg, flat, proto, info
+    reader = _open(path)
+    md = read_metadata(reader)
+    shapes = {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
+    where = str(path)
+    cfg = config_from_metadata(md, shapes, where)
+    info = checkpoint_info(md, reader, where)
+    proto = sp_model_proto_from_gguf(md, where)
+    flat = _map_tensors(reader, cfg, where)
+    if use_cache:
+        _write_cache(path, cfg, info, flat, proto)
+    return cfg, flat, proto, info
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = None, *, use_cache: bool = True):
+    """Loads a Gemma GGUF checkpoint.
+
+    Args:
+      path: the .gguf file.
+      dtype: parameter dtype (default float32).
+      use_cache: keep / reuse the dequantized float32 tree in the gemma-batch cache.
+
+    Returns:
+      (config: GemmaConfig, params: nested dict of jax arrays, tokenizer: SentencePieceTokenizer,
+       info: dict with name, architecture, tensor_types, instruction_tuned, prompt_format, ...).
+
+    Raises:
+      CheckpointError: missing / truncated / corrupt file, unknown architecture, bad shapes.
+    """
+    import jax.numpy as jnp
+
+    from model.tokenizer import SentencePieceTokenizer
+
+    cfg, flat, proto, info = read_gguf_numpy(path, use_cache=use_cache)
+    tokenizer = SentencePieceTokenizer(proto)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd has "
+            f"{cfg.vocab_size} rows; the file is inconsistent"
+        )
+    dtype = jnp.float32 if dtype is None else dtype
+    params = unflatten({n: jnp.asarray(w, dtype=dtype) for n, w in flat.items()}, cfg.num_layers)
+    return cfg, params, tokenizer, info
