@@ -1,0 +1,1 @@
+"""gemma-batch command line: run, validate, demo (and job submission stubs)."""

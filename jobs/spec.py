@@ -1,0 +1,182 @@
+"""The job spec: one validated description of a batch job, from a YAML file or CLI flags.
+
+Validated once at the edge (`JobSpec.model_validate` / `load_spec`); code past that point trusts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Task = Literal["summarize", "answer", "raw"]
+
+
+class SpecError(ValueError):
+    """A spec (file or flags) that cannot describe a job; the message is one line."""
+
+
+class SamplingSpec(BaseModel):
+    """How tokens are drawn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Most tokens generated per row.")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy decoding.")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Random seed of the sampler (per batch).")
+    stop: list[str] | None = Field(
+        None, description="Extra stop strings; None = the prompt format's default stops."
+    )
+
+
+class ResourceSpec(BaseModel):
+    """Where and how many generator actors run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: Literal["cpu", "gpu", "tpu"] = Field(
+        "cpu", description="cpu: num_cpus per actor; gpu: one GPU per actor; tpu: one TPU host."
+    )
+    num_actors: int | None = Field(
+        1, ge=1, description="Fixed pool size; set to null and use min/max_actors to autoscale."
+    )
+    min_actors: int | None = Field(None, ge=1, description="Autoscaling pool: fewest actors.")
+    max_actors: int | None = Field(None, ge=1, description="Autoscaling pool: most actors.")
+    num_cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per actor; default leaves CPUs for reading."
+    )
+    tpu_chips: int = Field(4, ge=1, description="TPU chips per actor (one host) when tpu.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type, e.g. 'A100' or 'TPU-V5E' (optional)."
+    )
+    max_restarts: int = Field(3, ge=0, description="Times a crashed actor is restarted.")
+    max_task_retries: int = Field(
+        3, ge=0, description="Times a batch lost with its actor is retried."
+    )
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ResourceSpec":
+        if self.min_actors is not None or self.max_actors is not None:
+            if self.min_actors is None or self.max_actors is None:
+                raise ValueError("autoscaling needs both min_actors and max_actors")
+            if self.min_actors > self.max_actors:
+                raise ValueError(
+                    f"min_actors={self.min_actors} is larger than max_actors={self.max_actors}"
+                )
+            self.num_actors = None
+        elif self.num_actors is None:
+            raise ValueError("set num_actors, or min_actors and max_actors")
+        return self
+
+    @property
+    def pool_max(self) -> int:
+        return self.num_actors if self.num_actors is not None else int(self.max_actors or 1)
+
+
+class JobSpec(BaseModel):
+    """A batch job: read Parquet rows, generate one output per row, write Parquet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | list[str] = Field(
+        description="Parquet input: a directory, a glob, one file or a list of files (fsspec URLs)."
+    )
+    output: str = Field(description="Output directory URL (gs://, s3://, file:// or a path).")
+    task: Task = Field("summarize", description="summarize | answer | raw (text is the prompt).")
+    model: str = Field(
+        "gemma3-270m", description="Preset name, HF directory, .gguf file or checkpoint dir."
+    )
+    dtype: str | None = Field(None, description="Compute dtype (None = the model's default).")
+    prompt_format: Literal["auto", "chat", "completion"] = Field(
+        "auto", description="auto = chat for instruction-tuned checkpoints, else completion."
+    )
+    id_column: str | None = Field(
+        None, description="Unique, non-null id per row; None = ids derived from shard and row."
+    )
+    text_column: str = Field("text", description="Column holding the document / prompt.")
+    question_column: str | None = Field(
+        None, description="answer task: column holding the question."
+    )
+    context_column: str | None = Field(
+        None, description="answer task: optional column holding extra context."
+    )
+    instruction: str | None = Field(
+        None, description="summarize: replaces the default instruction."
+    )
+    summary_words: int | None = Field(
+        None, ge=1, le=2000, description="summarize: ask for about this many words."
+    )
+    carry_columns: list[str] | None = Field(
+        None, description="Input columns copied to the output; None = all except text."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=8, description="Longest prompt accepted (None = context - max_new_tokens)."
+    )
+    long_document: Literal["error", "truncate"] = Field(
+        "error", description="A too-long document: error row, or keep its beginning."
+    )
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Actor pool.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Rows per generate call.")
+    rows_per_output_shard: int = Field(
+        100_000, ge=1, description="Rows per published output Parquet file."
+    )
+    resume: bool = Field(False, description="Continue a killed run: only missing ids run.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+
+    @model_validator(mode="after")
+    def _task_columns(self) -> "JobSpec":
+        if self.task == "answer" and not self.question_column:
+            raise ValueError("task 'answer' needs question_column (the column with questions)")
+        if self.task != "answer" and (self.question_column or self.context_column):
+            raise ValueError("question_column/context_column only apply to task 'answer'")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other; choose one")
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input is an empty list; give at least one Parquet file")
+        return self
+
+    def input_columns(self) -> list[str]:
+        """Columns the job reads to build prompts (id excluded)."""
+        cols = [self.text_column]
+        for c in (self.question_column, self.context_column):
+            if c and c not in cols:
+                cols.append(c)
+        return cols
+
+
+def _one_line(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
+
+
+def build_spec(data: dict[str, Any], where: str = "spec") -> JobSpec:
+    """Validates a plain dict into a JobSpec; raises SpecError with one line."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_one_line(e, where)) from None
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML (or JSON) spec file into a dict; raises SpecError with one line."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise SpecError(f"spec file {str(p)!r} is not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
+    return data

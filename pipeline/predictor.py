@@ -1,0 +1,178 @@
+"""The generator actor: loads the model once, builds prompts and generates per batch.
+
+One row in, one row out. A row that cannot be used (null, empty, too long) or that fails in
+generation becomes an error row and the batch goes on; errors that mean the engine itself is
+gone (out of memory, lost device) are raised so Ray retries the batch on a fresh actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.prompts import Prompt, PromptBuilder, PromptSettings, default_stop
+
+log = logging.getLogger(__name__)
+
+TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
+LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
+BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
+_FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
+                  "device lost", "Device lost")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenSettings:
+    """What the actor needs besides rows: model source, prompt and sampling settings."""
+
+    model: str
+    dtype: str | None
+    prompt_format: str  # auto | chat | completion
+    task: str
+    instruction: str | None
+    summary_words: int | None
+    max_prompt_tokens: int | None
+    long_document: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+    stop: tuple[str, ...] | None
+    schema: pa.Schema  # the output schema (id, contract columns, carried columns)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors after which this actor's engine cannot be trusted."""
+    if isinstance(exc, MemoryError):
+        return True
+    msg = str(exc)
+    return type(exc).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and any(
+        m in msg for m in _FATAL_MARKERS)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
+class Predictor:
+    """Ray Data callable class: `__init__` loads the model, `__call__` maps a pyarrow batch."""
+
+    def __init__(self, settings: GenSettings):
+        from model import load_model
+
+        self.s = settings
+        fmt = None if settings.prompt_format == "auto" else settings.prompt_format
+        t0 = time.perf_counter()
+        self.model = load_model(settings.model, dtype=settings.dtype, prompt_format=fmt)
+        self.load_s = time.perf_counter() - t0
+        if self.model.tokenizer is None:
+            raise RuntimeError(f"model {settings.model} has no tokenizer; it cannot read text")
+        cfg = self.model.config
+        limit = cfg.max_seq_len - settings.max_new_tokens
+        if settings.max_prompt_tokens:
+            limit = min(limit, settings.max_prompt_tokens)
+        if limit < 8:
+            raise RuntimeError(
+                f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
+                f"model's context of {cfg.max_seq_len} tokens")
+        fmt_used = self.model.prompt_format
+        self.builder = PromptBuilder(
+            PromptSettings(settings.task, fmt_used, limit, settings.long_document,
+                           settings.instruction, settings.summary_words),
+            self.model.tokenizer,
+        )
+        self.stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
+        self.model_name = settings.model
+
+    def _generate(self, prompts: list[list[int]]) -> list[Any]:
+        s = self.s
+        return self.model.generate(
+            prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=s.seed, stop=self.stop)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        cols = batch.column_names
+        texts = batch.column(TEXT).to_pylist()
+        questions = batch.column(QUESTION).to_pylist() if QUESTION in cols else None
+        contexts = batch.column(CONTEXT).to_pylist() if CONTEXT in cols else None
+        prompts: list[Prompt] = []
+        for i in range(n):
+            try:
+                prompts.append(self.builder.build(
+                    texts[i], questions[i] if questions else None, contexts[i] if contexts else None))
+            except Exception as e:  # noqa: BLE001 - a row's failure is data
+                prompts.append(Prompt(None, "prompt", f"could not build the prompt: {_short(e)}"))
+        results: list[Any] = [None] * n
+        errors: list[tuple[str, str] | None] = [
+            (p.error_kind or "prompt", p.error or "") if p.ids is None else None for p in prompts]
+        todo = [i for i in range(n) if prompts[i].ids is not None]
+        t0 = time.perf_counter()
+        if todo:
+            try:
+                gens = self._generate([prompts[i].ids for i in todo])
+                for i, g in zip(todo, gens):
+                    results[i] = g
+            except Exception as e:  # noqa: BLE001
+                if is_fatal(e):
+                    raise
+                log.warning("batch generate failed (%s); retrying row by row", _short(e, 120))
+                for i in todo:
+                    try:
+                        results[i] = self._generate([prompts[i].ids])[0]
+                    except Exception as e1:  # noqa: BLE001
+                        if is_fatal(e1):
+                            raise
+                        errors[i] = ("generation", f"generation failed: {_short(e1)}")
+        latency = time.perf_counter() - t0
+        return self._table(batch, prompts, results, errors, latency)
+
+    def _table(self, batch: pa.Table, prompts: list[Prompt], results: list[Any],
+               errors: list[tuple[str, str] | None], latency: float) -> pa.Table:
+        n = batch.num_rows
+        out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
+                                                "prompt_tokens", "output_tokens", "truncated")}
+        for i in range(n):
+            g, err = results[i], errors[i]
+            if err is not None or g is None:
+                kind, msg = err or ("generation", "no result from the generator")
+                out["output"].append(None)
+                out["finish_reason"].append("error")
+                out["error"].append(msg)
+                out["error_kind"].append(kind)
+                out["prompt_tokens"].append(len(prompts[i].ids) if prompts[i].ids else 0)
+                out["output_tokens"].append(0)
+            else:
+                out["output"].append(g.text)
+                out["finish_reason"].append(g.finish_reason)
+                out["error"].append(None)
+                out["error_kind"].append(None)
+                out["prompt_tokens"].append(int(g.prompt_tokens))
+                out["output_tokens"].append(int(g.output_tokens))
+            out["truncated"].append(bool(prompts[i].truncated))
+        schema = self.s.schema
+        arrays = []
+        for field in schema:
+            name = field.name
+            if name == "id":
+                arrays.append(batch.column("id").cast(field.type))
+            elif name == "task":
+                arrays.append(pa.array([self.s.task] * n, pa.string()))
+            elif name == "model":
+                arrays.append(pa.array([self.model_name] * n, pa.string()))
+            elif name in out:
+                arrays.append(pa.array(out[name], field.type))
+            elif name in batch.column_names:
+                arrays.append(batch.column(name).cast(field.type))
+            else:
+                arrays.append(pa.nulls(n, field.type))
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        table = table.append_column(LATENCY, pa.array([latency] * n, pa.float64()))
+        return table.append_column(BATCH, pa.array([uuid.uuid4().hex] * n, pa.string()))

@@ -1,0 +1,311 @@
+"""Preflight: check a job's input and output before anything is generated or written.
+
+Reads only Parquet footers and the id column. Every refusal is an `InputError` with one line
+naming the shard and column (exit code 2); nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.spec import JobSpec
+from pipeline.errors import InputError, JobError
+from pipeline.storage import Output, Shard, get_fs, list_shards
+
+# Output columns every row has (the output contract), in order.
+CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("task", pa.string()),
+    ("output", pa.string()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+    ("error_kind", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("output_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("model", pa.string()),
+)
+RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}
+# Spec fields that must match for --resume to continue a run.
+RESUME_KEYS = ("input", "task", "model", "id_column", "text_column", "question_column",
+               "context_column", "prompt_format", "instruction", "summary_words")
+UNIT_ROWS = 2048  # rows per read task, at most (whole row groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadUnit:
+    """Row groups of one shard read by one task; `first_row` numbers derived ids."""
+
+    url: str
+    name: str
+    row_groups: tuple[int, ...]
+    first_row: int
+    num_rows: int
+
+
+@dataclasses.dataclass
+class Plan:
+    """What preflight found: the work to do and the output schema."""
+
+    shards: list[Shard]
+    units: list[ReadUnit]
+    total_rows: int
+    id_type: pa.DataType  # int64 or string (derived ids are strings)
+    derived_ids: bool
+    read_columns: list[str]  # columns read from the shards
+    carry: dict[str, str]  # input column -> output column name
+    carry_schema: pa.Schema  # types of carried columns (output names)
+    done_ids: set = dataclasses.field(default_factory=set)
+    resumed: bool = False
+
+    def output_schema(self) -> pa.Schema:
+        fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]
+        return pa.schema(fields + list(self.carry_schema))
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+
+
+def _open_parquet(fs, path: str, url: str):
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"shard {url}: file disappeared while checking it") from None
+    except OSError as e:
+        raise JobError(f"shard {url}: cannot open ({e}); check storage access") from None
+    try:
+        return f, pq.ParquetFile(f)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError) as e:
+        f.close()
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(
+            f"shard {url}: not a readable Parquet file ({reason}); remove or replace it"
+        ) from None
+
+
+def check_model_source(source: str) -> None:
+    """Refuses a model that is neither a preset nor an existing local path."""
+    from model.config import PRESETS
+
+    if source in PRESETS:
+        return
+    if "://" in source:
+        raise InputError(
+            f"model {source!r}: remote model URLs are not supported; copy it locally or use a preset"
+        )
+    if not Path(source).expanduser().exists():
+        raise InputError(
+            f"model {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
+            "existing path; check --model"
+        )
+
+
+def check_output(spec: JobSpec) -> tuple[Output, str]:
+    """Decides what to do with the output directory: 'new', 'overwrite', 'resume' or 'finished'."""
+    out = Output(spec.output)
+    try:
+        names = out.ls()
+    except (PermissionError, ConnectionError) as e:
+        raise JobError(f"output {spec.output}: storage unreachable or refused access: {e}") from None
+    foreign = [n for n in names if not out.is_ours(n)]
+    if foreign:
+        raise InputError(
+            f"output {spec.output} holds files that are not a gemma-batch output (e.g. "
+            f"{foreign[0]!r}); choose an empty or new output directory"
+        )
+    if not names:
+        return out, "new"
+    if spec.overwrite:
+        return out, "overwrite"
+    finished = Output.SUCCESS in names
+    if spec.resume:
+        return out, "finished" if finished else "resume"
+    if finished:
+        raise InputError(
+            f"output {spec.output} already holds a finished run; pass --overwrite to replace it"
+        )
+    raise InputError(
+        f"output {spec.output} holds an unfinished run; pass --resume to continue it or "
+        "--overwrite to start over"
+    )
+
+
+def check_resume_spec(out: Output, spec: JobSpec) -> None:
+    """Refuses --resume when the earlier run's spec differs in what shapes the outputs."""
+    rel = f"{Output.PARTS}/{Output.RUN}"
+    if not out.exists(rel):
+        return
+    try:
+        before = out.read_json(rel).get("spec", {})
+    except (ValueError, OSError):
+        return
+    now = json.loads(spec.model_dump_json())
+    diff = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+    if diff:
+        raise InputError(
+            f"--resume: this spec differs from the interrupted run in {', '.join(diff)}; "
+            "use the same spec, or --overwrite to start over"
+        )
+
+
+def read_done_ids(out: Output) -> set:
+    """Ids already committed under the parts prefix (unreadable leftovers are ignored)."""
+    done: set = set()
+    for name in out.ls(Output.PARTS):
+        if not name.endswith(".parquet"):
+            continue
+        try:
+            ids = out.read_table(f"{Output.PARTS}/{name}", columns=["id"]).column("id")
+        except (pa.ArrowException, OSError, KeyError):
+            continue
+        done.update(ids.to_pylist())
+    return done
+
+
+def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
+    """Checks model source, output state and every input shard; returns the plan."""
+    check_model_source(spec.model)
+    out, mode = check_output(spec)
+    shards = list_shards(spec.input)
+    needed = spec.input_columns()
+    idc = spec.id_column
+    units: list[ReadUnit] = []
+    schemas: list[pa.Schema] = []
+    id_types: set[str] = set()
+    id_chunks: list[tuple[Shard, pa.ChunkedArray]] = []
+    total = 0
+    for shard in shards:
+        fs, path = get_fs(shard.url)
+        f, pf = _open_parquet(fs, path, shard.url)
+        try:
+            schema = pf.schema_arrow
+            n = pf.metadata.num_rows
+            if n == 0:
+                continue  # an empty shard contributes nothing, whatever its columns
+            for col in needed:
+                if col not in schema.names:
+                    raise InputError(
+                        f"shard {shard.url}: column {col!r} not found (columns: "
+                        f"{', '.join(schema.names[:12])}); set the right column name"
+                    )
+                if not _is_text(schema.field(col).type):
+                    raise InputError(
+                        f"shard {shard.url}: column {col!r} has type {schema.field(col).type}, "
+                        "not string; point the job at a text column"
+                    )
+            if idc is not None:
+                if idc not in schema.names:
+                    raise InputError(
+                        f"shard {shard.url}: id column {idc!r} not found (columns: "
+                        f"{', '.join(schema.names[:12])}); set id_column, or omit it to derive ids"
+                    )
+                t = schema.field(idc).type
+                if pa.types.is_integer(t):
+                    id_types.add("int")
+                elif _is_text(t) and not pa.types.is_null(t):
+                    id_types.add("string")
+                else:
+                    raise InputError(
+                        f"shard {shard.url}: id column {idc!r} has type {t}; ids must be "
+                        "integers or strings"
+                    )
+                try:
+                    ids = pf.read(columns=[idc]).column(idc)
+                except (pa.ArrowException, OSError) as e:
+                    raise InputError(
+                        f"shard {shard.url}: cannot read id column {idc!r} ({str(e)[:120]}); "
+                        "the file may be truncated"
+                    ) from None
+                if ids.null_count:
+                    rows = [i for i, v in enumerate(ids.to_pylist()) if v is None][:3]
+                    raise InputError(
+                        f"shard {shard.url}: id column {idc!r} has {ids.null_count} null "
+                        f"values (rows {', '.join(map(str, rows))}); every row needs an id"
+                    )
+                id_chunks.append((shard, ids))
+            schemas.append(schema)
+            first = 0
+            group: list[int] = []
+            rows_in_group = 0
+            md = pf.metadata
+            for rg in range(md.num_row_groups):
+                r = md.row_group(rg).num_rows
+                if group and rows_in_group + r > UNIT_ROWS:
+                    units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
+                    first += rows_in_group
+                    group, rows_in_group = [], 0
+                group.append(rg)
+                rows_in_group += r
+            if group:
+                units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
+            total += n
+        finally:
+            f.close()
+    if len(id_types) > 1:
+        raise InputError(
+            f"id column {idc!r} is integer in some shards and string in others; use one type"
+        )
+    if id_chunks:
+        _check_unique(idc, id_chunks)
+    id_type = pa.int64() if id_types == {"int"} else pa.string()
+    carry, carry_schema = _carry(spec, schemas)
+    read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
+    plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema)
+    if mode == "resume":
+        check_resume_spec(out, spec)
+        plan.done_ids = read_done_ids(out)
+        plan.resumed = True
+    return plan, out, mode
+
+
+def _check_unique(idc: str, chunks: list[tuple[Shard, pa.ChunkedArray]]) -> None:
+    counts: Counter = Counter()
+    where: dict[Any, str] = {}
+    for shard, ids in chunks:
+        for v in ids.to_pylist():
+            counts[v] += 1
+            where.setdefault(v, shard.name)
+    dups = [v for v, c in counts.items() if c > 1]
+    if dups:
+        ex = ", ".join(f"{v!r} ({counts[v]}x, first in {where[v]})" for v in dups[:3])
+        raise InputError(
+            f"id column {idc!r} has {len(dups)} duplicated values, e.g. {ex}; ids must be unique"
+        )
+
+
+def _carry(spec: JobSpec, schemas: list[pa.Schema]) -> tuple[dict[str, str], pa.Schema]:
+    """Input columns copied to the output, renamed when they collide with output columns."""
+    if not schemas:
+        return {}, pa.schema([])
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"input shards have conflicting column types: {str(e)[:160]}") from None
+    skip = {spec.text_column, spec.id_column}
+    if spec.carry_columns is None:
+        names = [n for n in unified.names if n not in skip]
+    else:
+        missing = [c for c in spec.carry_columns if c not in unified.names]
+        if missing:
+            raise InputError(
+                f"carry_columns names {missing[0]!r}, which no input shard has; fix carry_columns"
+            )
+        names = [c for c in spec.carry_columns if c != spec.id_column]
+    carry: dict[str, str] = {}
+    fields = []
+    for n in names:
+        out_name = n
+        while out_name in RESERVED or out_name in carry.values():
+            out_name = f"input_{out_name}"
+        carry[n] = out_name
+        t = unified.field(n).type
+        fields.append(pa.field(out_name, pa.string() if pa.types.is_null(t) else t))
+    return carry, pa.schema(fields)

@@ -1,0 +1,191 @@
+"""Prompt templates per task (summarize, answer, raw) and checkpoint kind (chat, completion).
+
+Instruction-tuned checkpoints get Gemma's turn format; base checkpoints get a few-shot completion
+frame ("Text: ... Summary: ...") that a small base model continues well. User text is always
+encoded as plain text: control tokens a user types stay text; only our template inserts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal, Sequence
+
+from model.tokenizer import Tokenizer, encode_with_specials
+
+PromptFormat = Literal["chat", "completion"]
+
+# C0/C1 control characters other than tab, newline and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+_SUMMARY_SHOTS = (
+    (
+        "The city council approved a new budget on Monday. It raises spending on public parks "
+        "and libraries by ten percent and pays for it by delaying a planned road project.",
+        "The council's new budget gives parks and libraries 10% more, funded by delaying a "
+        "road project.",
+    ),
+    (
+        "Researchers found that bees visiting flowers treated with a common pesticide returned "
+        "to their hives less often. The effect lasted for several days after a single exposure.",
+        "A common pesticide made bees return to their hives less often for days after one "
+        "exposure.",
+    ),
+    (
+        "Le musée de la ville rouvrira ses portes en juin après deux ans de travaux. Les "
+        "visiteurs découvriront une nouvelle aile consacrée à l'histoire du port.",
+        "Le musée rouvre en juin après deux ans de travaux, avec une nouvelle aile sur "
+        "l'histoire du port.",
+    ),
+)
+
+_ANSWER_SHOT = (
+    "The Amazon is the largest rainforest on Earth and covers much of northern Brazil.",
+    "Which country holds much of the Amazon rainforest?",
+    "Brazil.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """Everything that shapes a prompt, independent of the row."""
+
+    task: Literal["summarize", "answer", "raw"]
+    prompt_format: PromptFormat
+    max_prompt_tokens: int
+    long_document: Literal["error", "truncate"] = "error"
+    instruction: str | None = None
+    summary_words: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A built prompt (token ids) or the reason a row has none."""
+
+    ids: list[int] | None
+    error_kind: str | None = None
+    error: str | None = None
+    truncated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seg:
+    text: str
+    user: bool = False  # user text: encoded plain, never parsed for control tokens
+    cut: bool = False  # may be shortened when the prompt is too long
+
+
+def clean_text(value: object) -> str | None:
+    """User text without control characters; None for null."""
+    if value is None:
+        return None
+    return _CONTROL.sub("", str(value))
+
+
+def default_stop(fmt: PromptFormat, task: str) -> list[str] | None:
+    """Stop strings a format needs beyond the tokenizer's stop ids."""
+    if fmt == "completion" and task in ("summarize", "answer"):
+        return ["\n"]
+    return None
+
+
+class PromptBuilder:
+    """Turns rows into prompt token ids with one tokenizer and one set of settings."""
+
+    def __init__(self, settings: PromptSettings, tokenizer: Tokenizer):
+        self.s = settings
+        self.tok = tokenizer
+
+    def _instruction(self) -> str:
+        if self.s.instruction:
+            return self.s.instruction.strip()
+        length = (
+            f" in about {self.s.summary_words} words" if self.s.summary_words else
+            " in one or two sentences"
+        )
+        return f"Summarize the following text{length}, in the language of the text."
+
+    def _segments(self, text: str, question: str | None, context: str | None) -> list[_Seg]:
+        task, fmt = self.s.task, self.s.prompt_format
+        if task == "raw":
+            if fmt == "chat":
+                return [_Seg("<start_of_turn>user\n"), _Seg(text, True, True),
+                        _Seg("<end_of_turn>\n<start_of_turn>model\n")]
+            return [_Seg(text, True, True)]
+        if task == "summarize":
+            if fmt == "chat":
+                return [_Seg(f"<start_of_turn>user\n{self._instruction()}\n\n"),
+                        _Seg(text, True, True),
+                        _Seg("<end_of_turn>\n<start_of_turn>model\n")]
+            head = ""
+            if self.s.instruction or self.s.summary_words:
+                head = self._instruction() + "\n\n"
+            shots = "".join(f"Text: {t}\nSummary: {s}\n\n" for t, s in _SUMMARY_SHOTS)
+            return [_Seg(head + shots + "Text: "), _Seg(" ".join(text.split()), True, True),
+                    _Seg("\nSummary:")]
+        # answer: the text column is the context unless a separate context column is given.
+        ctx = context if context is not None else text
+        if fmt == "chat":
+            segs = [_Seg("<start_of_turn>user\nAnswer the question using the context.\n\n"
+                         "Context:\n")]
+            segs += [_Seg(ctx, True, True), _Seg("\n\nQuestion: "), _Seg(question or "", True),
+                     _Seg("<end_of_turn>\n<start_of_turn>model\n")]
+            return segs
+        c, q, a = _ANSWER_SHOT
+        return [_Seg(f"Context: {c}\nQuestion: {q}\nAnswer: {a}\n\nContext: "),
+                _Seg(" ".join(ctx.split()), True, True), _Seg("\nQuestion: "),
+                _Seg(" ".join((question or "").split()), True), _Seg("\nAnswer:")]
+
+    def build(self, text: object, question: object = None, context: object = None) -> Prompt:
+        """Builds one row's prompt; a row that cannot be used gets an error instead."""
+        t = clean_text(text)
+        if t is None:
+            return Prompt(None, "empty", "text is null; nothing to process")
+        if not t.strip():
+            return Prompt(None, "empty", "text is empty or only whitespace; nothing to process")
+        q = clean_text(question)
+        if self.s.task == "answer" and (q is None or not q.strip()):
+            return Prompt(None, "empty", "question is null or empty; nothing to answer")
+        ctx = clean_text(context)
+        segs = self._segments(t, q, ctx)
+        encoded: list[list[int]] = []
+        for seg in segs:
+            if seg.user:
+                encoded.append(self.tok.encode(seg.text))
+            else:
+                encoded.append(encode_with_specials(self.tok, seg.text, add_bos=False))
+        ids_len = 1 + sum(len(e) for e in encoded)
+        limit = self.s.max_prompt_tokens
+        truncated = False
+        if ids_len > limit:
+            excess = ids_len - limit
+            cut_at = [i for i, s in enumerate(segs) if s.cut]
+            if self.s.long_document != "truncate":
+                return Prompt(
+                    None, "too_long",
+                    f"prompt is {ids_len} tokens, over the limit of {limit}; shorten the text, "
+                    "raise max_prompt_tokens, or set long_document: truncate",
+                )
+            i = cut_at[0] if cut_at else None
+            if i is None or len(encoded[i]) <= excess:
+                return Prompt(
+                    None, "too_long",
+                    f"prompt is {ids_len} tokens and cannot be cut to the limit of {limit}",
+                )
+            encoded[i] = encoded[i][: len(encoded[i]) - excess]
+            truncated = True
+        ids = [self.tok.bos_id]
+        for e in encoded:
+            ids.extend(e)
+        return Prompt(ids, truncated=truncated)
+
+    def build_many(
+        self,
+        texts: Sequence[object],
+        questions: Sequence[object] | None = None,
+        contexts: Sequence[object] | None = None,
+    ) -> list[Prompt]:
+        n = len(texts)
+        qs = questions if questions is not None else [None] * n
+        cs = contexts if contexts is not None else [None] * n
+        return [self.build(t, q, c) for t, q, c in zip(texts, qs, cs)]
