@@ -12,6 +12,7 @@ unchanged, with three deliberate edits:
   SentencePiece matches user-defined pieces inside text, so leaving them would let text typed by
   a user inject them; control pieces are never matched in text. Whitespace runs and HTML tags
   stay user-defined, as in the original model;
+* user-defined pieces get back the U+2581 the converter turned into spaces;
 * the normalizer is Gemma's: no Unicode normalization, no dummy prefix (unless the GGUF says
   `add_space_prefix`), runs of spaces kept, spaces written as U+2581.
 """
@@ -27,6 +28,7 @@ from model.errors import CheckpointError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _MARKER = re.compile(r"<[^<>\s]*_[^<>\s]*>|\[[A-Za-z_]+\]")
+_SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
@@ -85,15 +87,16 @@ def build_sp_model_proto(
     seen: set[str] = set()
     has_bytes = False
     for i, (piece, score, typ) in enumerate(zip(tokens, scores, types)):
-        if piece in seen:
-            raise CheckpointError(f"{where}: token {i} {piece!r} appears twice in the vocabulary")
-        seen.add(piece)
         if i == unk:
             typ = UNKNOWN
         elif typ == UNKNOWN:
             typ = CONTROL  # only one UNKNOWN piece is allowed
         elif typ == USER_DEFINED and is_marker_piece(piece):
             typ = CONTROL
+        elif typ == USER_DEFINED and " " in piece:
+            # The converter wrote U+2581 as " " in user-defined pieces (llama.cpp matches them on
+            # raw text); SentencePiece matches them on normalized text, where spaces are U+2581.
+            piece = piece.replace(" ", _SPACE)
         elif typ == BYTE:
             if not _BYTE_PIECE.fullmatch(piece):
                 raise CheckpointError(f"{where}: byte token {i} is {piece!r}, not <0xXX>")
@@ -102,6 +105,9 @@ def build_sp_model_proto(
             typ = NORMAL
         if i in (bos, eos, pad) and typ in (NORMAL, USER_DEFINED):
             typ = CONTROL
+        if piece in seen:
+            raise CheckpointError(f"{where}: token {i} {piece!r} appears twice in the vocabulary")
+        seen.add(piece)
         sp = m.pieces.add()
         sp.piece = piece
         sp.score = float(score)
