@@ -180,3 +180,26 @@ def test_truncated_safetensors(gemma3_dir, tmp_path):
 def test_unknown_source():
     with pytest.raises(CheckpointError, match="neither a preset"):
         load_model("no-such-model")
+
+
+def test_gemma3_multimodal_text_tower(tmp_path):
+    """A gemma3 (vision + text) checkpoint loads its text tower; logits match text-only use."""
+    torch.manual_seed(5)
+    text = _hf_config("gemma3").to_dict()
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision.to_dict(),
+                                    mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                                    boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.15)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    toks = _tokens(seed=11, seq=40)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(toks).long()).logits.float().numpy()
+    m = load_model(tmp_path, dtype="float32")
+    assert m.config.family == "gemma3" and m.config.num_layers == 7
+    assert np.abs(m.logits(toks) - ref).max() <= 1e-4
