@@ -1,4 +1,4 @@
-"""The `gemma-batch` command: run, validate, demo (submit/status/logs/schedule: not yet)."""
+"""The `gemma-batch` command: run, validate, demo, and submit/status/logs/schedule (jobs.remote_cli)."""
 
 from __future__ import annotations
 
@@ -90,13 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=10)
     demo.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     demo.add_argument("--rows", type=int, default=5, help="rows to print")
-    for name, text in (("submit", "submit a job to a Ray cluster (Jobs API)"),
-                       ("status", "show a submitted job's status"),
-                       ("logs", "print a submitted job's logs"),
-                       ("schedule", "run a job on a cron schedule")):
-        sp = sub.add_parser(name, help=f"{text} [not available yet]")
-        sp.add_argument("args", nargs=argparse.REMAINDER)
-    for sp in (run, val, demo):
+    from jobs.remote_cli import add_parsers
+
+    remote_parsers = add_parsers(sub, _job_flags, EXIT_CODES)
+    for sp in (run, val, demo, *remote_parsers):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and Ray logs")
     return parser
@@ -209,16 +206,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command in ("submit", "status", "logs", "schedule"):
-        return _fail(f"'{args.command}' is not available yet; use 'gemma-batch run' with "
-                     "RAY_ADDRESS pointing at the cluster", 2)
+    from jobs.remote import RemoteError
+    from jobs.remote_cli import REMOTE_COMMANDS, handle
     from jobs.spec import SpecError
     from pipeline.errors import InputError, JobError
 
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo}
+    handlers.update({c: (lambda a: handle(a, spec_from_args)) for c in REMOTE_COMMANDS})
     try:
         return handlers[args.command](args)
+    except RemoteError as e:
+        if debug:
+            traceback.print_exc()
+        return _fail(str(e), 1)
     except (SpecError, InputError) as e:
         if debug:
             traceback.print_exc()
