@@ -23,7 +23,9 @@ from pipeline.errors import InputError, JobError
 # switched off before gcsfs is first imported, in the driver and in every Ray worker.
 ENV_DEFAULTS = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 # Non-secret variables that Ray workers need to reach the same storage as the driver.
-FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 for _k, _v in ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
