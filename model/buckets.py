@@ -46,7 +46,7 @@ class Buckets:
     """
 
     batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    length: tuple[int, ...] = (128, 512, 2048, 8192, 32_768, 131_072)
+    length: tuple[int, ...] = (256, 1024, 4096, 16_384, 65_536, 131_072)
     chunk: tuple[int, ...] = (32, 128, 512)
 
     def __post_init__(self) -> None:
@@ -68,10 +68,6 @@ class Buckets:
 
     def chunk_bucket(self, n: int) -> int:
         return min(round_up(max(n, 1), self.chunk, "chunk length"), self.chunk_size)
-
-    def batch_buckets_upto(self, b: int) -> tuple[int, ...]:
-        """The batch buckets a prefill into `b` slots may use."""
-        return tuple(x for x in self.batch if x < b) + (b,)
 
 
 DEFAULT_BUCKETS = Buckets()

@@ -279,11 +279,13 @@ class _Engine:
 
 
 def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch: int,
-                  buckets: Buckets = DEFAULT_BUCKETS, stop_strings: bool = False) -> set[tuple]:
+                  buckets: Buckets = DEFAULT_BUCKETS, stop_strings: bool = False,
+                  refill_min: int | None = None) -> set[tuple]:
     """Upper bound on the programs `generate` may compile for these prompts (no device work).
 
     Returns a set of (kind, shape...) tuples: per cache-length group one decode program and one
-    prefill program per (P, T) bucket pair it may use (plus `deactivate` with stop strings).
+    prefill program per (P, T) pair it may use (plus `deactivate` with stop strings), where P is
+    the refill size or the slot count and T a chunk bucket.
     """
     groups = collections.Counter(
         buckets.length_bucket(n + max_new_tokens) for n in prompt_lengths)
@@ -297,10 +299,19 @@ def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch:
             progs.add(("deactivate", b, length))
         top = buckets.chunk_bucket(longest - 1)
         chunks = [c for c in buckets.chunk if c <= top]
-        for p in buckets.batch_buckets_upto(b):
+        for p in _prefill_sizes(b, _refill_min(b, refill_min), buckets):
             for t in chunks:
                 progs.add(("prefill", b, length, p, t))
     return progs
+
+
+def _refill_min(b: int, refill_min: int | None) -> int:
+    return max(1, b // 4) if refill_min is None else min(max(1, refill_min), b)
+
+
+def _prefill_sizes(b: int, refill_min: int, buckets: Buckets) -> tuple[int, int]:
+    """The two prefill batch sizes used with B slots: a refill bucket, and B (initial fill)."""
+    return min(buckets.batch_bucket(refill_min), b), b
 
 
 def _slots_for(n_rows: int, max_batch: int, buckets: Buckets) -> int:
@@ -478,7 +489,8 @@ def _run_group(engine: _Engine, length: int, group: list[_Row], max_batch: int,
     slots = _empty_slots(b, length)
     waiting = collections.deque(group)
     slot_row: list[_Row | None] = [None] * b
-    refill_min = max(1, b // 4) if refill_min is None else max(1, refill_min)
+    refill_min = _refill_min(b, refill_min)
+    prefill_sizes = _prefill_sizes(b, refill_min, buckets)
 
     while True:
         free = [s for s in range(b) if slot_row[s] is None]
@@ -486,7 +498,8 @@ def _run_group(engine: _Engine, length: int, group: list[_Row], max_batch: int,
             placed = [(s, waiting.popleft()) for s in free[: len(waiting)]]
             for s, r in placed:
                 slot_row[s] = r
-            state, slots = _prefill_rows(engine, state, slots, placed)
+            p = min(x for x in prefill_sizes if x >= len(placed))
+            state, slots = _prefill_rows(engine, state, slots, placed, p)
         if all(r is None for r in slot_row):
             return
         min_free = min(len(waiting), refill_min) if waiting else b + 1
@@ -509,12 +522,10 @@ def _run_group(engine: _Engine, length: int, group: list[_Row], max_batch: int,
             slots = engine.deactivate(slots, kill)
 
 
-def _prefill_rows(engine: _Engine, state: Any, slots: Slots,
-                  placed: list[tuple[int, _Row]]) -> tuple[Any, Slots]:
-    """Prefills prompt[:-1] of the placed rows into their slots, in chunks."""
+def _prefill_rows(engine: _Engine, state: Any, slots: Slots, placed: list[tuple[int, _Row]],
+                  p: int) -> tuple[Any, Slots]:
+    """Prefills prompt[:-1] of the placed rows into their slots, P rows per call, in chunks."""
     buckets = engine.buckets
-    b = slots.active.shape[0]
-    p = min(x for x in buckets.batch_buckets_upto(b) if x >= len(placed))
     new = NewRows(
         slot=np.full((p,), _NO_SLOT, np.int32), last_token=np.zeros((p,), np.int32),
         pos=np.zeros((p,), np.int32), max_new=np.zeros((p,), np.int32),
