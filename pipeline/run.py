@@ -273,6 +273,9 @@ def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
     else:
         tables = [read_unit(u, rs) for u in units]
         ds = ray.data.from_arrow([t for t in tables if t.num_rows] or tables[:1])
+    # One block per generate batch: an actor task is then one batch, so the driver commits (and
+    # --resume keeps) work batch by batch, and a lost actor costs only its in-flight batches.
+    ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter yet; we want them explicit
