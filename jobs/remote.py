@@ -23,6 +23,7 @@ from jobs.spec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120.0  # how long to wait for a freshly started head's job agent
 
 
 class RemoteError(RuntimeError):
@@ -79,7 +80,7 @@ def _job_id(prefix: str = "gemma-batch") -> str:
 
 
 def submit(spec: JobSpec, address: str | None = None, job_id: str | None = None,
-           extra_env: dict[str, str] | None = None, pip: list[str] | None = None) -> str:
+           pip: list[str] | None = None) -> str:
     """Submits `spec` as a Ray job; returns its submission id.
 
     Args:
@@ -87,8 +88,6 @@ def submit(spec: JobSpec, address: str | None = None, job_id: str | None = None,
         a shared filesystem).
       address: the Jobs API URL (default: RAY_JOBS_ADDRESS, RAY_ADDRESS or localhost:8265).
       job_id: a submission id (default: gemma-batch-<time>-<random>); must be new.
-      extra_env: environment variables for the job (credentials come from the cluster's own
-        environment; never put secrets here).
       pip: extra pip requirements installed for the job by Ray's runtime_env.
     """
     address = resolve_address(address)
@@ -99,15 +98,27 @@ def submit(spec: JobSpec, address: str | None = None, job_id: str | None = None,
     try:
         body = spec.model_dump(mode="json", exclude_none=True)
         (workdir / "job.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
-        env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", **(extra_env or {})}
-        runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": env}
+        # Only working_dir (and pip): `gemma-batch run` sets its own env_vars for its workers in
+        # ray.init, and Ray refuses a job whose runtime_env sets the same field. Credentials come
+        # from the cluster's own environment and are never shipped with a job.
+        runtime_env: dict[str, Any] = {"working_dir": str(workdir)}
         if pip:
             runtime_env["pip"] = list(pip)
-        sid = _call(address, "submit", client.submit_job,
-                    entrypoint="gemma-batch run job.yaml --progress",
-                    submission_id=job_id or _job_id(), runtime_env=runtime_env,
-                    metadata={"tool": "gemma-batch", "output": spec.output,
-                              "model": spec.model, "task": spec.task})
+        sid = job_id or _job_id()
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                _call(address, "submit", client.submit_job,
+                      entrypoint="gemma-batch run job.yaml --progress",
+                      submission_id=sid, runtime_env=runtime_env,
+                      metadata={"tool": "gemma-batch", "output": spec.output,
+                                "model": spec.model, "task": spec.task})
+                break
+            except RemoteError as e:
+                # A head that just started has no job agent yet; Ray says "try again later".
+                if "try again later" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return sid
