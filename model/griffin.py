@@ -86,19 +86,33 @@ def init_params(cfg: GriffinConfig, key: Array, dtype: Any = jnp.float32) -> Par
                           cfg.num_kv_heads, cfg.head_dim)
     n, i_w, w = h, cfg.lru_width // cfg.num_heads, cfg.conv1d_width
     final_var = 2.0 / cfg.num_layers
-    keys = iter(jax.random.split(key, 16 * cfg.num_layers + 2))
+    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape: draw with jax.random
+        keys = iter(jax.random.split(key, 16 * cfg.num_layers + 2))
+
+        def draw(shape: tuple[int, ...], uniform: bool = False) -> Any:
+            fn = jax.random.uniform if uniform else jax.random.normal
+            return fn(next(keys), shape, jnp.float32)
+        xp: Any = jnp
+    else:  # host RNG seeded from `key`: one threefry program per shape compiles for seconds
+        kd = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.key_data(key)
+        rng = np.random.default_rng(np.asarray(kd, np.uint32).ravel().tolist())
+
+        def draw(shape: tuple[int, ...], uniform: bool = False) -> Any:
+            return rng.random(shape, np.float32) if uniform else rng.standard_normal(
+                shape, np.float32)
+        xp = np
 
     def normal(shape: tuple[int, ...], std: float) -> Array:
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return jnp.asarray(std * draw(shape), dtype)
 
     def zeros(*shape: int) -> Array:
         return jnp.zeros(shape, dtype)
 
     def a_param_init(shape: tuple[int, ...]) -> Array:
         # |a| uniform (by area) on the ring [0.9, 0.999], stored through softplus^-1.
-        u = jax.random.uniform(next(keys), shape, jnp.float32)
-        log_a = 0.5 * jnp.log(u * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8)
-        return jnp.log(jnp.exp(-log_a) - 1.0).astype(dtype)
+        u = draw(shape, uniform=True)
+        log_a = 0.5 * xp.log(u * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8)
+        return jnp.asarray(xp.log(xp.exp(-log_a) - 1.0), dtype)
 
     layers = []
     for kind in cfg.block_types:

@@ -85,12 +85,14 @@ def config_from_tree(tree: Mapping[str, Any], path: Path = Path("."),
         blk = tree[name]
         if "recurrent_block" in blk:
             kinds.append("recurrent")
-            n, iw, _ = _get(tree, f"{name}/recurrent_block/rg_lru/a_gate/w", path).shape
-            lru, heads = n * iw, n
-            conv_w = _get(tree, f"{name}/recurrent_block/conv_1d/w", path).shape[0]
+            if lru is None:  # sizes from the first block of a kind; the rest are checked
+                n, iw, _ = _get(tree, f"{name}/recurrent_block/rg_lru/a_gate/w", path).shape
+                lru, heads = n * iw, n
+                conv_w = _get(tree, f"{name}/recurrent_block/conv_1d/w", path).shape[0]
         elif "attention_block" in blk:
             kinds.append("attention")
-            head_dim = _get(tree, f"{name}/attention_block/proj_k/kernel", path).shape[1]
+            if head_dim is None:
+                head_dim = _get(tree, f"{name}/attention_block/proj_k/kernel", path).shape[1]
         else:
             raise CheckpointError(f"{path}: {name} has neither recurrent_block nor "
                                   f"attention_block (keys: {sorted(blk)})")
