@@ -147,7 +147,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _print_done(summary: dict[str, Any], output: str) -> None:
     print(f"done: {summary.get('rows_out', 0)} rows -> {output} ({summary.get('errors', 0)} "
           f"errors, {summary.get('output_tokens', 0)} output tokens, "
-          f"{summary.get('tokens_per_s', 0)} tokens/s, {summary.get('wall_s', 0)} s)")
+          f"{summary.get('tokens_per_s', 0)} tokens/s end to end, "
+          f"{summary.get('generate_tokens_per_s', 0)} tokens/s in generate, "
+          f"{summary.get('wall_s', 0)} s)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

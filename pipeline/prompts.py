@@ -26,12 +26,6 @@ _SUMMARY_SHOTS = (
         "road project.",
     ),
     (
-        "Researchers found that bees visiting flowers treated with a common pesticide returned "
-        "to their hives less often. The effect lasted for several days after a single exposure.",
-        "A common pesticide made bees return to their hives less often for days after one "
-        "exposure.",
-    ),
-    (
         "Le musée de la ville rouvrira ses portes en juin après deux ans de travaux. Les "
         "visiteurs découvriront une nouvelle aile consacrée à l'histoire du port.",
         "Le musée rouvre en juin après deux ans de travaux, avec une nouvelle aile sur "

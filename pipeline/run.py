@@ -157,7 +157,7 @@ def ensure_ray(debug: bool = False) -> bool:
         address=os.environ.get("RAY_ADDRESS") or None,
         runtime_env={"env_vars": storage.worker_env()},
         include_dashboard=False,
-        logging_level=logging.INFO if debug else logging.WARNING,
+        logging_level=logging.INFO if debug else logging.ERROR,
         log_to_driver=debug,
     )
     return True
@@ -264,7 +264,10 @@ def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = debug
     if not debug:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        detectors = getattr(ctx, "issue_detectors_config", None)
+        if detectors is not None and hasattr(detectors, "detectors"):
+            detectors.detectors = []  # advice aimed at Ray developers, not at our users
     if all(_shareable(u.url) for u in units):
         ds = ray.data.from_items([{"unit": _unit_to_json(u)} for u in units],
                                  override_num_blocks=len(units))
@@ -436,6 +439,8 @@ def publish(spec: JobSpec, plan: Plan, out: Output, attempt_stats: dict[str, Any
         "output_tokens": output_tokens,
         "generation_wall_s": round(wall, 3),
         "tokens_per_s": round(gen_tokens / wall, 3) if wall > 0 and gen_tokens else 0.0,
+        # Per actor, generate calls only (no startup, model load or queueing).
+        "generate_tokens_per_s": round(gen_tokens / sum(lat), 3) if lat and sum(lat) > 0 else 0.0,
         "batches": len(lat),
         "batch_latency_p50_s": _round(_percentile(lat, 0.5)),
         "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
