@@ -234,6 +234,20 @@ def test_dequantized_tree_is_cached_and_a_damaged_cache_is_rebuilt(tiny_files, c
     assert weights.stat().st_size > 1000
 
 
+def test_header_reader_agrees_with_gguf_package(tiny_files):
+    import gguf
+
+    for path, _ in tiny_files.values():
+        ours, ref = gg.open_gguf(path), gguf.GGUFReader(path)
+        for key, field in ref.fields.items():
+            if not key.startswith("GGUF."):
+                assert ours.metadata[key] == pytest.approx(field.contents()), key
+        assert [(t.name, t.qtype, t.offset, t.nbytes) for t in ours.tensors] == [
+            (t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes)) for t in ref.tensors]
+        assert [t.shape for t in ours.tensors] == [tuple(int(d) for d in t.shape[::-1])
+                                                   for t in ref.tensors]
+
+
 # ---------------------------------------------------------------------------- bad files
 
 

@@ -124,10 +124,9 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def tok(gguf_path) -> SentencePieceTokenizer:
-    from model.checkpoints.gguf import _open, read_metadata
-    from pathlib import Path
+    from model.checkpoints.gguf import open_gguf
 
-    md = read_metadata(_open(Path(gguf_path)))
+    md = open_gguf(gguf_path).metadata
     return SentencePieceTokenizer(sp_model_proto_from_gguf(md, gguf_path))
 
 
