@@ -62,7 +62,7 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
-def _enable_compile_cache() -> None:
+def enable_compile_cache() -> None:
     """Persists compiled programs across actors and runs (unless the user configured JAX)."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("GEMMA_BATCH_NO_JAX_CACHE"):
         return
@@ -80,7 +80,7 @@ class Predictor:
     """Ray Data callable class: `__init__` loads the model, `__call__` maps a pyarrow batch."""
 
     def __init__(self, settings: GenSettings):
-        _enable_compile_cache()
+        enable_compile_cache()
         from model import load_model
 
         self.s = settings

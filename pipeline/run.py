@@ -291,8 +291,11 @@ def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
 
 
 def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
-            on_plan: Callable[[Plan], None] | None = None) -> dict[str, Any]:
+            on_plan: Callable[[Plan], None] | None = None,
+            on_commit: Callable[[pa.Table], None] | None = None) -> dict[str, Any]:
     """Runs a job end to end and returns its summary (also written as `_SUMMARY.json`).
+
+    `on_plan` sees the preflight plan; `on_commit` sees each batch right after it is committed.
 
     Raises InputError (nothing written) for refused inputs and JobError when the job fails.
     """
@@ -338,6 +341,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
                 errs = pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
                 toks = pc.sum(table.column("output_tokens")).as_py() or 0
                 prog.add(table.num_rows, toks, errs)
+                if on_commit is not None:
+                    on_commit(table)
                 if kill_after and seq >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
         except (InputError, JobError):
