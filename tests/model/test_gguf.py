@@ -234,6 +234,17 @@ def test_dequantized_tree_is_cached_and_a_damaged_cache_is_rebuilt(tiny_files, c
     assert weights.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("md, fmt", [
+    ({"general.name": "Gemma 3 270m"}, "completion"),
+    ({"general.name": "gemma-3-270m-it"}, "chat"),
+    ({"general.name": "Gemma 2 2b", "general.finetune": "it"}, "chat"),
+    ({"general.name": "gemma-3-1b-pt", "tokenizer.chat_template": "{{ x }}"}, "completion"),
+    ({"general.name": "Some Gemma", "tokenizer.chat_template": "{{ x }}"}, "chat"),
+])
+def test_prompt_format_from_metadata(md, fmt):
+    assert gg.checkpoint_info(md, [], "x.gguf")["prompt_format"] == fmt
+
+
 def test_header_reader_agrees_with_gguf_package(tiny_files):
     import gguf
 
