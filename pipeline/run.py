@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -173,14 +174,30 @@ def shutdown_ray() -> None:
         _started_ray = False
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _root_cause(e: BaseException) -> str:
-    seen = e
-    while seen.__cause__ is not None and seen.__cause__ is not seen:
-        seen = seen.__cause__
-    lines = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
-    # Ray wraps the remote traceback; its last line holds the original error.
-    msg = lines[-1] if lines else type(seen).__name__
-    return msg[:400]
+    """The user-facing cause inside Ray's wrappers: 'ErrorType: first line of its message'."""
+    seen: set[int] = set()
+    queue: list[BaseException] = [e]
+    found: BaseException | None = None
+    while queue:
+        x = queue.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        is_ray = type(x).__module__.startswith("ray") or type(x).__name__.startswith("Ray")
+        if not is_ray and not isinstance(x, JobError) and str(x).strip():
+            found = x  # keep the deepest non-Ray error with a message
+        nexts = [getattr(x, "cause", None), x.__cause__, x.__context__,
+                 *(a for a in getattr(x, "args", ()) if isinstance(a, BaseException))]
+        queue.extend(n for n in nexts if isinstance(n, BaseException))
+    if found is not None:
+        first = _ANSI.sub("", str(found)).strip().splitlines()[0]
+        return f"{type(found).__name__}: {first}"[:400]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
 
 
 class Progress:
@@ -264,7 +281,7 @@ def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = debug
     if not debug:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # we report failures ourselves
         detectors = getattr(ctx, "issue_detectors_config", None)
         if detectors is not None and hasattr(detectors, "detectors"):
             detectors.detectors = []  # advice aimed at Ray developers, not at our users
@@ -311,8 +328,7 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         out.clear_ours()
     attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_rel = f"{Output.PARTS}/{Output.RUN}"
-    if not out.exists(run_rel):
-        out.write_json(run_rel, {"spec": json.loads(spec.model_dump_json()), "started": attempt})
+    run_record = {"spec": json.loads(spec.model_dump_json()), "started": attempt}
     rs = ReadSettings(
         spec.id_column, plan.id_type, spec.text_column, spec.question_column,
         spec.context_column, plan.carry, plan.carry_schema, tuple(plan.read_columns),
@@ -336,6 +352,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
                 per_batch = {b: v for b, v in zip(bids, lat)}
                 latencies.extend(per_batch.values())
                 table = batch.drop_columns([LATENCY, BATCH])
+                if seq == 0 and not plan.resumed:
+                    out.write_json(run_rel, run_record)  # first write of a new run
                 out.write_table(f"{Output.PARTS}/{attempt}-{seq:06d}.parquet", table)
                 seq += 1
                 errs = pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
@@ -354,9 +372,9 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         except Exception as e:  # noqa: BLE001 - Ray wraps the real failure
             if debug:
                 log.exception("pipeline failed")
-            raise JobError(
-                f"generation failed: {_root_cause(e)} ({prog.rows} rows committed; fix the "
-                "cause and rerun with --resume)") from e
+            kept = (f"{prog.rows + len(plan.done_ids)} rows committed; fix the cause and rerun "
+                    "with --resume") if prog.rows or plan.resumed else "nothing was written"
+            raise JobError(f"generation failed: {_root_cause(e)} ({kept})") from e
         finally:
             prog.stop()
     gen_wall = time.perf_counter() - t_gen

@@ -103,3 +103,20 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
     assert Counter(r["id"] for r in final) == Counter(ids)  # each id exactly once
     assert all(r["output"] == before[r["id"]] for r in final if r["id"] in before)
     assert (out / "_SUCCESS").exists() and not (out / "_parts").exists()
+
+
+def test_model_that_fails_to_load_in_the_actor(ray_cluster, tmp_path, capsys):
+    from jobs.cli import main
+
+    write_corpus(str(tmp_path / "in"), shards=1, rows=2)
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # passes preflight, fails in the actor
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("resources: {max_restarts: 0}\n")
+    code = main(["run", str(spec), "--input", str(tmp_path / "in"), "--output",
+                 str(tmp_path / "out"), "--model", str(bad), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "CheckpointError" in err[0] and "model_type" in err[0] and "nothing was written" in err[0]
+    assert not (tmp_path / "out").exists()
