@@ -197,6 +197,13 @@ def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
     check_model_source(spec.model)
     out, mode = check_output(spec)
     shards = list_shards(spec.input)
+    out_prefix = out.fs.unstrip_protocol(out.path).rstrip("/") + "/"
+    inside = [sh.url for sh in shards if sh.url.startswith(out_prefix)]
+    if inside:
+        raise InputError(
+            f"input file {inside[0]} lies inside the output directory {spec.output}; "
+            "write the output somewhere else"
+        )
     needed = spec.input_columns()
     idc = spec.id_column
     units: list[ReadUnit] = []

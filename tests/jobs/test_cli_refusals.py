@@ -91,6 +91,15 @@ def test_refused_input(case, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_output_inside_input_is_refused(tmp_path, capsys):
+    _shard(tmp_path / "data" / "a.parquet", text=["a"])
+    _shard(tmp_path / "data" / "out" / "part-00000.parquet", text=["old"])
+    (tmp_path / "data" / "out" / "_SUCCESS").write_text("")
+    _refuse(capsys, _argv(tmp_path / "data", tmp_path / "data" / "out", "--overwrite"),
+            "inside the output directory")
+    assert (tmp_path / "data" / "out" / "_SUCCESS").exists()
+
+
 def test_truncated_parquet(tmp_path, capsys):
     src = _shard(tmp_path / "full.parquet", id=list(range(100)), text=["x" * 50] * 100)
     data = src.read_bytes()
