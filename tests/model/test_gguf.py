@@ -7,6 +7,7 @@ Q6_K, F16, BF16 and F32), so the mapping is checked on every tensor type without
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -319,18 +320,52 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
 # ---------------------------------------------------------------------------- the real 270M
 
-PROMPTS = [
+PROMPTS = [  # varied: languages, code, lists, few-shot style; shared with test_llamacpp.py
     "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village,",
-    "Question: What is 12 times 7?\nAnswer:",
-    "La vie est belle quand",
-    "机器学习是",
+    "Water boils at a temperature of",
+    "def quicksort(arr):\n",
+    "The three primary colors are",
+    "In 1969, the first humans",
+    "import numpy as np\nx = np.arange(10)\n",
+    "Le petit prince est un livre",
+    "Die Hauptstadt von Deutschland ist",
+    "El sol es una estrella que",
+    "東京は日本の",
+    "人工智能的发展",
+    "Москва — столица",
+    "The recipe calls for two cups of flour,",
+    "Dear customer, thank you for your order.",
+    "Summarize: The council approved a new park next to the river.\nSummary:",
+    "Q: What is the largest planet in the solar system?\nA:",
+    "<html>\n<head>\n<title>",
+    "Monday, Tuesday, Wednesday,",
     "1, 2, 3, 5, 8, 13,",
-    "Summarize: The meeting was moved to Friday because the room was booked.\nSummary:",
-    "日本の首都は",
-    "Here is a list of fruits:\n- apple\n-",
+    "Once upon a time there was a dragon who",
 ]
+NEW_TOKENS = 32
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_greedy_run():
+    """(our float32 Model, prompt ids, prompt + our 32 greedy tokens) for PROMPTS.
+
+    Computed once per pytest process and shared with test_llamacpp.py (loading the model and
+    generating are the expensive part of both files).
+    """
+    ours = load_model("gemma3-270m", dtype="float32")
+    prompts = [ours.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
+    gens = ours.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
+    for text, g in zip(PROMPTS, gens):
+        assert g.finish_reason == "length" and len(g.tokens) == NEW_TOKENS, (text, g)
+    return ours, prompts, [p + g.tokens for p, g in zip(prompts, gens)]
+
+
+def right_pad(seqs: list[list[int]]) -> np.ndarray:
+    """int32 [B, T_max], zeros after each row (causal model: real positions are unaffected)."""
+    out = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -339,17 +374,10 @@ def real():
     from transformers import AutoModelForCausalLM
 
     path = embedded_gguf_path()
-    ours = load_model("gemma3-270m", dtype="float32")
+    ours = embedded_greedy_run()[0]
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                               dtype=torch.float32).eval()
     return ours, hf
-
-
-def _right_pad(seqs: list[list[int]]) -> np.ndarray:
-    out = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
 
 
 def test_real_config_and_info(real):
@@ -361,21 +389,20 @@ def test_real_config_and_info(real):
 
 def test_real_logits_and_greedy_match_transformers(real):
     ours, hf = real
-    prompts = [ours.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
-    gens = ours.generate(prompts, max_new_tokens=32, temperature=0.0)
-    seqs = [p + g.tokens for p, g in zip(prompts, gens)]
-    tokens = _right_pad(seqs)  # right padding: causal, so real positions are unaffected
-    got = ours.logits(tokens)
-    with torch.no_grad():
-        ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    delta = max(float(np.abs(got[i, : len(s)] - ref[i, : len(s)]).max())
-                for i, s in enumerate(seqs))
-    print(f"\ngemma3-270m GGUF: max |dlogit| vs transformers over {sum(map(len, seqs))} positions "
-          f"= {delta:.2e}")
+    _, prompts, seqs = embedded_greedy_run()
+    tokens = right_pad(seqs)
+    delta, positions = 0.0, 0
+    for lo in range(0, len(seqs), 5):  # 5 rows at a time: [5, T, 262144] logits stay ~300 MB
+        got = ours.logits(tokens[lo : lo + 5])
+        with torch.no_grad():
+            ref = hf(torch.tensor(tokens[lo : lo + 5], dtype=torch.long)).logits.float().numpy()
+        for j, (p, s) in enumerate(zip(prompts[lo : lo + 5], seqs[lo : lo + 5])):
+            delta = max(delta, float(np.abs(got[j, : len(s)] - ref[j, : len(s)]).max()))
+            positions += len(s)
+            # Greedy continuations identical: each of our 32 tokens is transformers' argmax on
+            # the same prefix (one teacher-forced pass replays transformers' own greedy path).
+            theirs = ref[j, len(p) - 1 : len(s) - 1].argmax(-1).tolist()
+            assert theirs == s[len(p) :], f"greedy path differs on {PROMPTS[lo + j]!r}"
+    print(f"\ngemma3-270m GGUF: {len(seqs)} prompts + 32 greedy tokens identical to transformers; "
+          f"max |dlogit| over {positions} positions = {delta:.2e}")
     assert delta <= 1e-3
-    # Greedy continuations identical: each of our 32 tokens is transformers' argmax on the same
-    # prefix (one teacher-forced pass decides transformers' own greedy path, token by token).
-    for i, (p, g) in enumerate(zip(prompts, gens)):
-        assert g.finish_reason == "length" and len(g.tokens) == 32, (PROMPTS[i], g.finish_reason)
-        theirs = ref[i, len(p) - 1 : len(p) + 31].argmax(-1).tolist()
-        assert theirs == g.tokens, f"greedy path differs from transformers on {PROMPTS[i]!r}"

@@ -2,58 +2,26 @@
 
 llama.cpp quantizes activations for its quantized matmuls, so free-running greedy text diverges
 from any exact float implementation at near-ties. We compare teacher-forced instead: on the same
-token sequences (20 prompts, each followed by our own 32 greedy tokens), the next-token argmax
-of both at every position. Flash attention is off in llama.cpp (it changes its outputs).
+token sequences (the 20 prompts of test_gguf.py, each followed by our own 32 greedy tokens), the
+next-token argmax of both at every position. Flash attention is off in llama.cpp (it changes its
+outputs).
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from model import load_model
 from model.embedded import embedded_gguf_path
+from test_gguf import embedded_greedy_run, right_pad  # shared: one load, one generation
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-PROMPTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "def quicksort(arr):\n",
-    "The three primary colors are",
-    "In 1969, the first humans",
-    "import numpy as np\nx = np.arange(10)\n",
-    "Le petit prince est un livre",
-    "Die Hauptstadt von Deutschland ist",
-    "El sol es una estrella que",
-    "東京は日本の",
-    "人工智能的发展",
-    "Москва — столица",
-    "The recipe calls for two cups of flour,",
-    "Dear customer, thank you for your order.",
-    "Summarize: The council approved a new park next to the river.\nSummary:",
-    "Q: What is the largest planet in the solar system?\nA:",
-    "<html>\n<head>\n<title>",
-    "Monday, Tuesday, Wednesday,",
-    "The mitochondria is the powerhouse of",
-    "Once upon a time there was a dragon who",
-]
-NEW_TOKENS = 32
-
-
 @pytest.fixture(scope="module")
 def sequences():
-    """[(tokens of prompt + our 32 greedy tokens)] and our float32 logits' argmax per position."""
-    ours = load_model("gemma3-270m", dtype="float32")
-    prompts = [ours.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
-    gens = ours.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
-    seqs = [p + g.tokens for p, g in zip(prompts, gens)]
-    width = max(map(len, seqs))
-    batch = np.zeros((len(seqs), width), np.int32)  # right padding: causal, so harmless
-    for i, s in enumerate(seqs):
-        batch[i, : len(s)] = s
+    """Prompt + our 32 greedy tokens per prompt, and our float32 argmax at every position."""
+    ours, _, seqs = embedded_greedy_run()
+    batch = right_pad(seqs)
     # 5 rows per call: [5, T, 262144] float32 logits stay near 300 MB.
     argmax = np.concatenate([ours.logits(batch[i : i + 5]).argmax(-1)
                              for i in range(0, len(seqs), 5)])
@@ -64,7 +32,9 @@ def sequences():
 def llama():
     return llama_cpp.Llama(
         str(embedded_gguf_path()), n_ctx=128, n_batch=128, n_ubatch=128, logits_all=True,
-        flash_attn=False, n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0, verbose=False)
+        # One thread: llama.cpp's threads spin-wait on each other, and on a busy 2-core machine
+        # two threads measured 10x slower than one.
+        flash_attn=False, n_threads=1, n_threads_batch=1, seed=0, verbose=False)
 
 
 def _llama_logits(llm, tokens: list[int]) -> np.ndarray:
