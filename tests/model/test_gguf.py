@@ -303,6 +303,14 @@ def test_embedded_file_is_assembled_once_atomically(cache):
     assert embedded_gguf_path() == p and p.stat().st_mtime_ns == mtime  # not rebuilt
 
 
+def test_unwritable_cache_names_the_setting(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("GEMMA_BATCH_CACHE", str(blocker / "cache"))
+    with pytest.raises(CheckpointError, match="GEMMA_BATCH_CACHE"):
+        embedded_gguf_path()
+
+
 def test_missing_package_names_the_pip_command(monkeypatch):
     import importlib
 
