@@ -213,3 +213,36 @@ def test_parity_with_recurrentgemma_package(tmp_path):
         go.append(co)
     np.testing.assert_array_equal(np.stack(go, 1), np.stack(gw, 1))
     assert len(set(np.asarray(np.stack(go, 1))[0].tolist())) > 5  # not one repeated token
+
+
+# The published google/recurrentgemma-2b config.json (its fields that matter).
+RG2B_CONFIG_JSON = {
+    "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": False,
+    "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
+    "bos_token_id": 2, "conv1d_width": 4, "embeddings_scale_by_sqrt_dim": True,
+    "eos_token_id": 1, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2560, "intermediate_size": 15360, "logits_soft_cap": 30.0,
+    "lru_width": 2560, "model_type": "recurrent_gemma", "num_attention_heads": 10,
+    "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+    "vocab_size": 256000,
+}
+
+
+def test_published_configs_map_to_the_preset():
+    from model.config import PRESETS
+
+    preset = PRESETS["recurrentgemma-2b"]
+    assert hf_griffin.config_from_hf(RG2B_CONFIG_JSON) == preset
+    # A full-size Flax tree made of zero-stride arrays (no memory): shapes alone give the config.
+    tree: dict = {}
+    for name, shape in orbax_griffin._expected(preset).items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = np.broadcast_to(np.float32(0), shape)
+    assert orbax_griffin.config_from_tree(tree) == preset
+    del tree["blocks.25"]
+    with pytest.raises(CheckpointError, match="25 blocks, but a RecurrentGemma of width 2560 has 26"):
+        orbax_griffin.config_from_tree(tree)
