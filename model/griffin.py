@@ -298,8 +298,11 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
     all_v = jnp.concatenate([ring_v, jnp.pad(v_, padt)], axis=1)
     pos_p = jnp.pad(pos, ((0, 0), (0, tp - t)), constant_values=-1)  # [B, Tp]
     all_pos = jnp.concatenate([ring_pos, pos_p], axis=1)  # [B, S+Tp]
-    idx = jnp.arange(nb)[:, None] * qb + jnp.arange(s + qb)[None, :]  # [nb, S+Q]
-    kb, vb, kpos = all_k[:, idx], all_v[:, idx], all_pos[:, idx]  # [B, nb, S+Q, ...]
+    if nb == 1:  # decode and short chunks: every query sees the whole ring + chunk
+        kb, vb, kpos = all_k[:, None], all_v[:, None], all_pos[:, None]  # [B, 1, S+T, ...]
+    else:
+        idx = jnp.arange(nb)[:, None] * qb + jnp.arange(s + qb)[None, :]  # [nb, S+Q]
+        kb, vb, kpos = all_k[:, idx], all_v[:, idx], all_pos[:, idx]  # [B, nb, S+Q, ...]
     qq = jnp.pad(q_, padt).reshape(b, nb, qb, k, g, dh)  # [B, nb, Q, K, G, Dh]
     qpos = pos_p.reshape(b, nb, qb)  # [B, nb, Q]
 
