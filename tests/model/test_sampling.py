@@ -85,6 +85,17 @@ def test_top_k_1_equals_greedy_and_greedy_is_argmax():
     assert (np.asarray(sampling.Temperature(1.0).sample(logits, keys)) != greedy).any()
 
 
+@pytest.mark.parametrize("v", [300, 4096, 5000])
+def test_argmax_is_the_first_index_of_the_max(v):
+    rng = np.random.default_rng(v)
+    x = rng.normal(size=(5, v)).astype(np.float32)
+    x[1, [7, v - 3]] = 50.0  # ties: the first index wins
+    x[2, v - 1] = 60.0  # in the padded last chunk
+    x[3, :] = -1.0  # all equal
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(x))),
+                                  np.argmax(x, axis=-1))
+
+
 def test_mixed_rows_use_their_own_settings():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(6, 50)).astype(np.float32))
