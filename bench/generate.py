@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -216,12 +217,11 @@ def profile_step(model, batch: int, length: int, reps: int = 5) -> dict:
     return out
 
 
-def decode_step_seconds(model, prompts, batch: int, short: int, long: int) -> float:
+def decode_step_seconds(model, prompts, batch: int, short: int, long: int, reps: int) -> float:
     """Decode seconds per step: (time of `long` tokens - time of `short`) / (long - short)."""
     run_ours(model, prompts, short, batch)
-    run_ours(model, prompts, long, batch)
-    t_s = min(timed(run_ours, model, prompts, short, batch)[0] for _ in range(2))
-    t_l = min(timed(run_ours, model, prompts, long, batch)[0] for _ in range(2))
+    t_s = min(timed(run_ours, model, prompts, short, batch)[0] for _ in range(reps))
+    t_l = min(timed(run_ours, model, prompts, long, batch)[0] for _ in range(reps))
     return max(t_l - t_s, 1e-9) / (long - short)
 
 
@@ -359,7 +359,8 @@ def main() -> None:
         return compile_probe(args)
     n_prompts = args.prompts or (16 if args.quick else 64)
     args.max_new = args.max_new or (32 if args.quick else 64)
-    n_single = 4 if args.quick else 8  # prompts run one at a time (batch 1)
+    n_single = 2 if args.quick else 8  # prompts run one at a time (batch 1)
+    n_llama = 8 if args.quick else n_prompts  # llama.cpp runs prompts one after another
     res: dict = {"quick": args.quick, "batch": args.batch, "prompts": n_prompts,
                  "max_new_tokens": args.max_new, "cpu_count": os.cpu_count()}
     t_start = time.perf_counter()
@@ -410,7 +411,8 @@ def main() -> None:
     length = DEFAULT_BUCKETS.length_bucket(max(lengths) + args.max_new)
     prof = {}
     for b in (1, B):
-        step = decode_step_seconds(model, prompts[:b], b, 4, 4 + (16 if args.quick else 32))
+        step = decode_step_seconds(model, prompts[:b], b, 4, 4 + (16 if args.quick else 32),
+                                   1 if args.quick else 2)
         nbytes, flops = step_cost(model.config, b, length)
         t_mem, t_flop = nbytes / mach["bandwidth"], flops / mach["matmul_flops"]
         parts = profile_step(model, b, length)
@@ -430,15 +432,19 @@ def main() -> None:
         log("transformers ...")
         hf_path = build_hf(model, tmp / "hf")
         for dtype in ("float32", "bfloat16"):
+            # bf16 is slow on CPU torch: in --quick it runs B prompts, 1 alone, 8 tokens.
+            slow = args.quick and dtype == "bfloat16"
+            n_b, n_1 = (B, 1) if slow else (n_prompts, n_single)
+            new = 8 if slow else args.max_new
             try:
-                dt_b, hf_toks = run_hf(hf_path, prompts, args.max_new, B, dtype)
-                dt_1, _ = run_hf(hf_path, prompts[:n_single], args.max_new, 1, dtype)
+                dt_b, hf_toks = run_hf(hf_path, prompts[:n_b], new, B, dtype)
+                dt_1, _ = run_hf(hf_path, prompts[:n_1], new, 1, dtype)
             except Exception as e:  # noqa: BLE001 - report, keep going
                 log(f"HF {dtype} failed: {e}")
                 continue
             tag = "" if dtype == "float32" else "_bf16"
-            res[f"hf{tag}_tok_s"] = round(n_prompts * args.max_new / dt_b, 2)
-            res[f"hf{tag}_b1_tok_s"] = round(n_single * args.max_new / dt_1, 2)
+            res[f"hf{tag}_tok_s"] = round(n_b * new / dt_b, 2)
+            res[f"hf{tag}_b1_tok_s"] = round(n_1 * new / dt_1, 2)
             if dtype == "float32":
                 res["hf_agreement"] = round(agreement(ours_tok, hf_toks), 3)
         if "hf_tok_s" in res:
@@ -453,12 +459,12 @@ def main() -> None:
         gguf = embedded_gguf_path()
         for flash in (False, True):
             try:
-                dt, ll_toks = run_llamacpp(gguf, prompts, args.max_new, flash)
+                dt, ll_toks = run_llamacpp(gguf, prompts[:n_llama], args.max_new, flash)
             except Exception as e:  # noqa: BLE001
                 log(f"llama.cpp flash={flash} failed: {e}")
                 continue
             key = "llamacpp_fa_tok_s" if flash else "llamacpp_nofa_tok_s"
-            res[key] = round(n_prompts * args.max_new / dt, 2)
+            res[key] = round(n_llama * args.max_new / dt, 2)
             res.setdefault("llamacpp_agreement", round(agreement(ours_tok, ll_toks), 3))
         speeds = [res[k] for k in ("llamacpp_nofa_tok_s", "llamacpp_fa_tok_s") if k in res]
         if speeds:
@@ -466,7 +472,9 @@ def main() -> None:
             res["vs_llamacpp"] = round(res["ours_tok_s"] / res["llamacpp_tok_s"], 2)
     for key in ("hf_tok_s", "llamacpp_tok_s", "vs_hf", "vs_llamacpp"):
         res.setdefault(key, None)
+    res["llamacpp_prompts"] = n_llama
     res["bench_s"] = round(time.perf_counter() - t_start, 1)
+    shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [("ours batch %d" % B, res["ours_tok_s"]), ("ours batch 1", res["ours_b1_tok_s"]),
             ("HF fp32 batch %d" % B, res.get("hf_tok_s")),
