@@ -1,4 +1,4 @@
-"""The `gemma-batch` command: run, validate, demo, and submit/status/logs/schedule (jobs.remote_cli)."""
+"""The `gemma-batch` command: run, validate, demo; submit/status/logs/schedule (jobs.remote_cli)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def spec_from_args(args: argparse.Namespace):
         if required not in data:
             from jobs.spec import SpecError
 
-            raise SpecError(f"{where}: {required} is missing; pass --{required} or set it in a spec file")
+            raise SpecError(
+                f"{where}: {required} is missing; pass --{required} or set it in a spec file")
     return build_spec(data, where)
 
 

@@ -178,5 +178,6 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
         at = f" (line {line + 1})" if line is not None else ""
         raise SpecError(f"spec file {str(p)!r} is not valid YAML{at}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"spec file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
+        raise SpecError(
+            f"spec file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
     return data

@@ -122,8 +122,9 @@ class Predictor:
         prompts: list[Prompt] = []
         for i in range(n):
             try:
-                prompts.append(self.builder.build(
-                    texts[i], questions[i] if questions else None, contexts[i] if contexts else None))
+                q = questions[i] if questions else None
+                c = contexts[i] if contexts else None
+                prompts.append(self.builder.build(texts[i], q, c))
             except Exception as e:  # noqa: BLE001 - a row's failure is data
                 prompts.append(Prompt(None, "prompt", f"could not build the prompt: {_short(e)}"))
         results: list[Any] = [None] * n

@@ -106,7 +106,8 @@ def check_model_source(source: str) -> None:
         )
     if "://" in source:
         raise InputError(
-            f"model {source!r}: remote model URLs are not supported; copy it locally or use a preset"
+            f"model {source!r}: remote model URLs are not supported; copy it locally or use "
+            "a preset"
         )
     path = Path(source).expanduser()
     if not path.exists():
@@ -136,7 +137,8 @@ def check_output(spec: JobSpec) -> tuple[Output, str]:
     try:
         names = out.ls()
     except (PermissionError, ConnectionError) as e:
-        raise JobError(f"output {spec.output}: storage unreachable or refused access: {e}") from None
+        raise JobError(
+            f"output {spec.output}: storage unreachable or refused access: {e}") from None
     foreign = [n for n in names if not out.is_ours(n)]
     if foreign:
         raise InputError(
@@ -268,7 +270,8 @@ def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
             for rg in range(md.num_row_groups):
                 r = md.row_group(rg).num_rows
                 if group and rows_in_group + r > UNIT_ROWS:
-                    units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
+                    units.append(
+                        ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
                     first += rows_in_group
                     group, rows_in_group = [], 0
                 group.append(rg)

@@ -92,7 +92,8 @@ def _as_text(t: pa.Table, col: str, n: int) -> pa.ChunkedArray | pa.Array:
 
 def _read_batch(batch: pa.Table, rs: ReadSettings) -> pa.Table:
     """Ray Data task: a batch of serialized units -> their rows."""
-    tables = [read_unit(ReadUnit(**_unit_from_json(u)), rs) for u in batch.column("unit").to_pylist()]
+    units = [ReadUnit(**_unit_from_json(u)) for u in batch.column("unit").to_pylist()]
+    tables = [read_unit(u, rs) for u in units]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

@@ -67,7 +67,8 @@ def get_fs(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
     except ImportError as e:
-        raise InputError(f"{url!r}: no filesystem for this scheme ({e}); install its fsspec package") from None
+        raise InputError(
+            f"{url!r}: no filesystem for this scheme ({e}); install its fsspec package") from None
     except ValueError as e:
         raise InputError(f"{url!r}: {e}") from None
     return fs, path
@@ -117,7 +118,8 @@ def list_shards(inputs: str | list[str]) -> list[Shard]:
             if isinstance(e, FileNotFoundError):
                 found = []
             else:
-                raise JobError(f"input {item!r}: storage is unreachable or refused access: {e}") from None
+                raise JobError(
+                    f"input {item!r}: storage is unreachable or refused access: {e}") from None
         if not found:
             raise InputError(f"input {item!r} matches no files; check the path or glob")
         urls.extend(fs.unstrip_protocol(p) for p in sorted(found))

