@@ -135,7 +135,7 @@ def compile_probe(args) -> None:
 
 
 def compile_seconds(args, lengths: list[int], cache_dir: str) -> dict:
-    env = dict(os.environ, GEMMA_BATCH_CACHE=cache_dir, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, GEMMA_BATCH_JAX_CACHE=cache_dir, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, __file__, "--probe", "--batch", str(args.batch), "--max-new",
            str(args.max_new), "--probe-lengths", json.dumps(lengths)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -368,7 +368,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gemma-batch-bench-"))
     probe_cache = str(tmp / "probe-cache")
     # The timed runs reuse the cache the probes filled (set before the engine turns it on).
-    os.environ["GEMMA_BATCH_CACHE"] = probe_cache
+    os.environ["GEMMA_BATCH_JAX_CACHE"] = probe_cache
     import jax  # noqa: F401
 
     log("loading model ...")
@@ -381,8 +381,8 @@ def main() -> None:
     log("compile: cold and warm persistent cache (subprocesses) ...")
     cold = compile_seconds(args, lengths, probe_cache)
     warm = compile_seconds(args, lengths, probe_cache)
-    res.update(compile_cold_s=round(cold["compile_s"], 2), compile_warm_s=round(warm["compile_s"], 2),
-               programs=cold["programs"])
+    res.update(compile_cold_s=round(cold["compile_s"], 2),
+               compile_warm_s=round(warm["compile_s"], 2), programs=cold["programs"])
 
     log(json.dumps(res))
     log("machine roofline ...")

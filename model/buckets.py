@@ -123,7 +123,7 @@ _cache_dir: Path | None = None
 
 
 def default_cache_dir() -> Path:
-    """`$GEMMA_BATCH_CACHE/jax` if set, else `~/.cache/gemma-batch/jax` (XDG_CACHE_HOME honoured)."""
+    """`$GEMMA_BATCH_CACHE/jax` if set, else `~/.cache/gemma-batch/jax` (honours XDG_CACHE_HOME)."""
     root = os.environ.get("GEMMA_BATCH_CACHE")
     if root:
         return Path(root).expanduser() / "jax"
@@ -135,15 +135,17 @@ def default_cache_dir() -> Path:
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache (once per process); returns its directory.
 
-    Set GEMMA_BATCH_CACHE=off to disable it. A directory that cannot be created is logged and
+    The directory is `path`, else $GEMMA_BATCH_JAX_CACHE, else `default_cache_dir()`; set
+    GEMMA_BATCH_JAX_CACHE=off to disable it. A directory that cannot be created is logged and
     skipped: the cache only makes later runs start faster.
     """
     global _cache_dir
     if _cache_dir is not None:
         return _cache_dir
-    if os.environ.get("GEMMA_BATCH_CACHE", "").lower() in ("off", "0", "none"):
+    env = os.environ.get("GEMMA_BATCH_JAX_CACHE", "")
+    if path is None and env.lower() in ("off", "0", "none", "false"):
         return None
-    d = Path(path) if path is not None else default_cache_dir()
+    d = Path(path or env or default_cache_dir()).expanduser()
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -115,7 +115,8 @@ def _batch_axes(family: ModuleType, cfg: Any, length: int, dtype: Any) -> Any:
         diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
         if not diff:
             return None
-        if len(a.shape) != len(b.shape) or len(diff) != 1 or (a.shape[diff[0]], b.shape[diff[0]]) != (2, 3):
+        if (len(a.shape) != len(b.shape) or len(diff) != 1
+                or (a.shape[diff[0]], b.shape[diff[0]]) != (2, 3)):
             raise ValueError(f"{family.__name__}.init_state: a state leaf of shape {a.shape} "
                              "does not have exactly one batch axis; the engine needs one")
         return diff[0]
