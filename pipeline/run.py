@@ -128,8 +128,9 @@ def actor_options(spec: JobSpec, cluster_cpus: float) -> dict[str, Any]:
     else:
         opts["compute"] = ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors)
     if r.accelerator == "cpu":
-        # Leave at least half a CPU for read tasks, or Ray Data starves them and the job hangs.
-        free = max(cluster_cpus - 0.5, 0.1)
+        # Leave a whole CPU for Ray Data's task stages (reads), or they starve and the job hangs;
+        # the request is a scheduling token: JAX uses the cores it finds either way.
+        free = cluster_cpus - 1.0 if cluster_cpus >= 2 else cluster_cpus - 0.5
         opts["num_cpus"] = r.num_cpus_per_actor or max(0.1, min(1.0, free / r.pool_max))
     elif r.accelerator == "gpu":
         opts["num_cpus"] = r.num_cpus_per_actor or 1
@@ -271,6 +272,23 @@ def _shareable(url: str) -> bool:
     return not url.startswith("memory://")
 
 
+def _light_repartition(ds: Any) -> None:
+    """Lets the streaming repartition fuse into the light read tasks.
+
+    Ray Data gives the repartition step its own 1-CPU tasks; on a small machine whose CPUs the
+    generator actors hold, those never get scheduled and the job hangs. With the read stage's
+    fractional CPU request the two fuse into one light task. Best effort: `ray.data` exposes no
+    public knob for this, so a layout it does not recognise is left alone.
+    """
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if type(op).__name__ == "StreamingRepartition" and isinstance(
+            getattr(op, "ray_remote_args", None), dict):
+        try:
+            object.__setattr__(op, "ray_remote_args", {"num_cpus": READ_TASK_CPUS})
+        except (AttributeError, TypeError):
+            pass
+
+
 def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
              gs: GenSettings, debug: bool) -> Iterator[pa.Table]:
     """Runs the Ray Data pipeline and yields finished output batches."""
@@ -297,6 +315,7 @@ def _batches(spec: JobSpec, plan: Plan, units: list[ReadUnit], rs: ReadSettings,
     # One block per generate batch: an actor task is then one batch, so the driver commits (and
     # --resume keeps) work batch by batch, and a lost actor costs only its in-flight batches.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
+    _light_repartition(ds)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter yet; we want them explicit

@@ -27,7 +27,7 @@ def test_examples_cover_every_accelerator():
 def test_resource_shapes():
     base = {"input": "in/", "output": "out/"}
     cpu = actor_options(build_spec({**base, "resources": {"num_actors": 2}}), cluster_cpus=2)
-    assert cpu["num_cpus"] == 0.75 and cpu["compute"].min_size == cpu["compute"].max_size == 2
+    assert cpu["num_cpus"] == 0.5 and cpu["compute"].min_size == cpu["compute"].max_size == 2
     assert cpu["max_restarts"] >= 1 and cpu["max_task_retries"] >= 1
     gpu = actor_options(build_spec({**base, "resources": {"accelerator": "gpu"}}), 8)
     assert gpu["num_gpus"] == 1
