@@ -165,10 +165,18 @@ def measure_machine() -> dict:
     cp = jax.jit(lambda v: v * 2.0)
     cp(x).block_until_ready()
     t_cp = min(timed(lambda: cp(x).block_until_ready())[0] for _ in range(3))
+    # A matrix-vector product streams a 512 MiB matrix with all cores (Eigen's gemv): the
+    # access pattern of a batch-1 decode step.
+    m = x.reshape(8192, -1)
+    vec = jnp.ones((1, 8192), jnp.float32)
+    mv = jax.jit(lambda a, b: a @ b)
+    mv(vec, m).block_until_ready()
+    t_mv = min(timed(lambda: mv(vec, m).block_until_ready())[0] for _ in range(5))
     bw_read = x.nbytes / t_red
     bw_copy = 2 * x.nbytes / t_cp
-    return {"matmul_flops": flops, "bw_read": bw_read, "bw_copy": bw_copy,
-            "bandwidth": max(bw_read, bw_copy)}
+    bw_gemv = m.nbytes / t_mv
+    return {"matmul_flops": flops, "bw_read": bw_read, "bw_copy": bw_copy, "bw_gemv": bw_gemv,
+            "bandwidth": max(bw_read, bw_copy, bw_gemv)}
 
 
 def step_cost(cfg, batch: int, length: int) -> tuple[float, float]:
@@ -390,7 +398,8 @@ def main() -> None:
     res.update(matmul_gflops=round(mach["matmul_flops"] / 1e9, 1),
                bandwidth_gbs=round(mach["bandwidth"] / 1e9, 2),
                bw_read_gbs=round(mach["bw_read"] / 1e9, 2),
-               bw_copy_gbs=round(mach["bw_copy"] / 1e9, 2))
+               bw_copy_gbs=round(mach["bw_copy"] / 1e9, 2),
+               bw_gemv_gbs=round(mach["bw_gemv"] / 1e9, 2))
 
     log("ours ...")
     B = args.batch
