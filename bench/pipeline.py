@@ -39,7 +39,7 @@ class Bare:
 
     def __init__(self, model_name: str, rows: list[dict], batch: int, max_new: int):
         from model import load_model
-        from pipeline.predictor import enable_compile_cache
+        from model.buckets import enable_compile_cache
         from pipeline.prompts import PromptBuilder, PromptSettings, default_stop
 
         enable_compile_cache()  # the same persistent cache the pipeline's actors use

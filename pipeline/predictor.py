@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -62,25 +61,10 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
-def enable_compile_cache() -> None:
-    """Persists compiled programs across actors and runs (unless the user configured JAX)."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("GEMMA_BATCH_NO_JAX_CACHE"):
-        return
-    import jax
-
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    try:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(base, "gemma-batch", "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    except (AttributeError, ValueError) as e:  # an older JAX: run without the cache
-        log.info("no persistent compilation cache: %s", e)
-
-
 class Predictor:
     """Ray Data callable class: `__init__` loads the model, `__call__` maps a pyarrow batch."""
 
     def __init__(self, settings: GenSettings):
-        enable_compile_cache()
         from model import load_model
 
         self.s = settings

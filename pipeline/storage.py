@@ -24,8 +24,7 @@ from pipeline.errors import InputError, JobError
 ENV_DEFAULTS = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 # Non-secret variables that Ray workers need to reach the same storage as the driver.
 FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR",
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+                 "JAX_PLATFORMS", "GEMMA_BATCH_JAX_CACHE", "GEMMA_BATCH_CACHE")
 
 for _k, _v in ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)

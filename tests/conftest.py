@@ -21,11 +21,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback test cluster
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Generator actors start fresh in every test; let them share compiled programs on disk.
 _JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gemma-batch-test-jax-cache")
-_TEST_ENV = {
-    "JAX_PLATFORMS": "cpu",
-    "JAX_COMPILATION_CACHE_DIR": _JAX_CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-}
+_TEST_ENV = {"JAX_PLATFORMS": "cpu", "GEMMA_BATCH_JAX_CACHE": _JAX_CACHE}
 
 
 def _free_port() -> int:
