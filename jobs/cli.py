@@ -195,7 +195,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     df = pd.read_parquet(args.output) if "://" not in args.output else None
     if df is not None:
-        for _, r in df.head(args.rows).iterrows():
+        # One row per language first, so the sample shows several scripts.
+        df = df.sort_values("id")
+        picked = df.drop_duplicates("lang") if "lang" in df.columns else df
+        for _, r in picked.head(args.rows).iterrows():
             text = (r["output"] or f"[error: {r['error']}]").strip().replace("\n", " ")
             print(f"[{r['id']}] ({r.get('lang', '?')}) {r.get('title', '')}\n    -> {text[:200]}")
     _print_done(summary, args.output)
