@@ -69,6 +69,24 @@ class _Seg:
     cut: bool = False  # may be shortened when the prompt is too long
 
 
+def _attach_spaces(segs: list[_Seg]) -> list[_Seg]:
+    """Moves a template's trailing spaces onto the user text that follows.
+
+    SentencePiece marks a word's leading space on the word itself ("▁word"); encoding "Text: "
+    and "word" apart would give a lone "▁" and a space-less "word", a sequence the model never
+    saw in training. Encoding "Text:" and " word" gives the natural tokens.
+    """
+    out = list(segs)
+    for i in range(len(out) - 1):
+        a, b = out[i], out[i + 1]
+        if not a.user and b.user and a.text.endswith(" "):
+            stripped = a.text.rstrip(" ")
+            spaces = a.text[len(stripped):]
+            out[i] = dataclasses.replace(a, text=stripped)
+            out[i + 1] = dataclasses.replace(b, text=spaces + b.text)
+    return out
+
+
 def clean_text(value: object) -> str | None:
     """User text without control characters; None for null."""
     if value is None:
@@ -143,7 +161,7 @@ class PromptBuilder:
         if self.s.task == "answer" and (q is None or not q.strip()):
             return Prompt(None, "empty", "question is null or empty; nothing to answer")
         ctx = clean_text(context)
-        segs = self._segments(t, q, ctx)
+        segs = _attach_spaces(self._segments(t, q, ctx))
         encoded: list[list[int]] = []
         for seg in segs:
             if seg.user:

@@ -48,6 +48,15 @@ def test_completion_frame_is_few_shot_and_ends_with_summary_cue(sp_tok):
     assert default_stop("chat", "summarize") is None
 
 
+def test_user_text_tokenized_as_in_one_string(sp_tok):
+    """Template/user boundaries must not change how the user's words are tokenized."""
+    for doc in ("Starting next month, the library opens late.", "市は駅前に図書スペースを開設した。",
+                "أطلقت جمعية ثقافية"):
+        p = _b(sp_tok).build(doc)
+        whole = sp_tok.encode(sp_tok.decode(p.ids[1:]))
+        assert p.ids[1:] == whole, doc
+
+
 def test_raw_completion_is_the_text_itself():
     tok = ByteTokenizer()
     p = _b(tok, task="raw").build("abc")
