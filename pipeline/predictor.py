@@ -151,7 +151,11 @@ class Predictor:
                 out["prompt_tokens"].append(len(prompts[i].ids) if prompts[i].ids else 0)
                 out["output_tokens"].append(0)
             else:
-                out["output"].append(g.text)
+                text = g.text
+                if g.finish_reason == "length":
+                    # Cut at max_new_tokens inside a multi-byte character: drop the partial one.
+                    text = text.rstrip("\ufffd")
+                out["output"].append(text)
                 out["finish_reason"].append(g.finish_reason)
                 out["error"].append(None)
                 out["error_kind"].append(None)
