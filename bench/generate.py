@@ -359,9 +359,20 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="random weights (gemma3-270m config)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--recurrentgemma", action="store_true",
+                    help="instead: RecurrentGemma vs Gemma decode tokens/s at 1K and 8K context "
+                         "(runs bench/griffin_speed.py)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe-lengths", default="[]", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args, rest = ap.parse_known_args()
+    if args.recurrentgemma:
+        import runpy
+
+        sys.argv = [str(Path(__file__).with_name("griffin_speed.py")), *rest]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return None
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.probe:
         args.max_new = args.max_new or 32
         return compile_probe(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import transformer
+from model.sampler import Generation
 from model.config import PRESETS, GemmaConfig, GriffinConfig, ModelConfig
 from model.errors import CheckpointError
 from model.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
@@ -23,17 +23,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "gemma3-270m"
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
-
-
-@dataclasses.dataclass
-class Generation:
-    """One prompt's result (the engine in `model.sampler` returns the same fields)."""
-
-    tokens: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    output_tokens: int
 
 
 def default_dtype() -> str:
@@ -102,62 +91,23 @@ class Model:
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, stop: Sequence[str] | None = None, **engine_kw: Any
-                 ) -> list[Any]:
+                 ) -> list[Generation]:
         """Generates a continuation per prompt (strings or token id lists).
 
-        Returns per prompt an object with `.tokens`, `.text`, `.finish_reason` ("stop" when a
-        stop token or stop string ended it, "length" at `max_new_tokens`), `.prompt_tokens` and
-        `.output_tokens`.
+        Runs the engine in `model.sampler` (bucketed, jitted, continuous batching); extra keyword
+        arguments go to `sampler.generate` (e.g. `max_batch`, per-row lists of sampling values).
+        Returns per prompt a `Generation` with `.tokens`, `.text`, `.finish_reason` ("stop" when
+        a stop token or stop string ended it, "length" at `max_new_tokens`), `.prompt_tokens`
+        and `.output_tokens`.
         """
+        from model import sampler
+
         ids = self.encode_prompts(prompts)
         stop_ids = tuple(self.tokenizer.stop_ids) if self.tokenizer else (self.config.eos_id,)
-        try:
-            from model import sampler
-        except ImportError:
-            sampler = None
-        if sampler is not None and hasattr(sampler, "generate"):
-            return sampler.generate(
-                self.family, self.config, self.params, self.tokenizer, ids,
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, stop_token_ids=stop_ids, stop_strings=stop, **engine_kw)
-        if temperature != 0.0:
-            raise NotImplementedError("sampling needs model.sampler; use temperature=0.0")
-        return [self._greedy(p, max_new_tokens, stop_ids, stop) for p in ids]
-
-    def _greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: Sequence[int],
-                stop: Sequence[str] | None) -> Generation:
-        """Plain cached greedy decoding of one prompt (the reference the engine is tested on)."""
-        cfg, fam = self.config, self.family
-        max_len = len(prompt) + max_new_tokens
-        state = fam.init_state(cfg, 1, max_len, self.dtype)
-        step = _step_fn(fam, cfg)
-        tokens = jnp.asarray([prompt], jnp.int32)
-        positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
-        out: list[int] = []
-        reason = "length"
-        for _ in range(max_new_tokens):
-            logits, state = step(self.params, tokens, positions, state)
-            nxt = int(jnp.argmax(logits[0, -1]))
-            if nxt in stop_ids:
-                reason = "stop"
-                break
-            out.append(nxt)
-            text = self.tokenizer.decode(out) if self.tokenizer else ""
-            if stop and any(s in text for s in stop):
-                reason = "stop"
-                break
-            tokens = jnp.asarray([[nxt]], jnp.int32)
-            positions = jnp.asarray([[len(prompt) + len(out) - 1]], jnp.int32)
-        text = self.tokenizer.decode(out) if self.tokenizer else ""
-        if stop:
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            text = text[:cut] if cut >= 0 else text
-        return Generation(out, text, reason, len(prompt), len(out))
-
-
-@functools.lru_cache(maxsize=None)
-def _step_fn(family: ModuleType, cfg: ModelConfig):
-    return jax.jit(lambda p, t, pos, s: family.forward(p, t, pos, s, cfg))
+        return sampler.generate(
+            self.family, self.config, self.params, self.tokenizer, ids,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop_token_ids=stop_ids, stop_strings=stop, **engine_kw)
 
 
 def _resolve_dtype(dtype: Any) -> Any:
