@@ -140,6 +140,13 @@ def _rows(value: float | int, logits: Array, dtype) -> Array:
     return jnp.full((logits.shape[0],), value, dtype)
 
 
+def _sample_with(params: tuple[float, int, float], logits: Array, keys: Array) -> Array:
+    """One (temperature, top_k, top_p) setting for every row -> `sample_rows`."""
+    t, k, p = params
+    return sample_rows(logits, keys, _rows(t, logits, jnp.float32), _rows(k, logits, jnp.int32),
+                       _rows(p, logits, jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     """Argmax of the logits."""
@@ -166,9 +173,7 @@ class Temperature:
 
     def sample(self, logits: Array, keys: Array) -> Array:
         """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        t, k, p = self.row_params()
-        return sample_rows(logits, keys, _rows(t, logits, jnp.float32),
-                           _rows(k, logits, jnp.int32), _rows(p, logits, jnp.float32))
+        return _sample_with(self.row_params(), logits, keys)
 
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), 0, 1.0
@@ -188,9 +193,7 @@ class TopK:
 
     def sample(self, logits: Array, keys: Array) -> Array:
         """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        t, k, p = self.row_params()
-        return sample_rows(logits, keys, _rows(t, logits, jnp.float32),
-                           _rows(k, logits, jnp.int32), _rows(p, logits, jnp.float32))
+        return _sample_with(self.row_params(), logits, keys)
 
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), int(self.k), 1.0
@@ -213,9 +216,7 @@ class TopP:
 
     def sample(self, logits: Array, keys: Array) -> Array:
         """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        t, k, p = self.row_params()
-        return sample_rows(logits, keys, _rows(t, logits, jnp.float32),
-                           _rows(k, logits, jnp.int32), _rows(p, logits, jnp.float32))
+        return _sample_with(self.row_params(), logits, keys)
 
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), int(self.k), float(self.p)
