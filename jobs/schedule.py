@@ -26,14 +26,9 @@ from typing import Any, Callable
 import yaml
 
 from jobs.spec import JobSpec, SpecError
+from model.paths import cache_dir
 
 _FIELDS = ("date", "time", "datetime", "run")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GEMMA_BATCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma-batch")
-    return Path(root)
 
 
 def parse_cron(expr: str):

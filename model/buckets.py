@@ -21,6 +21,8 @@ from typing import Any, Callable, Hashable
 
 import jax
 
+from model.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -123,13 +125,8 @@ _cache_dir: Path | None = None
 
 
 def default_cache_dir() -> Path:
-    """`$GEMMA_BATCH_CACHE/jax` if set, else `~/.cache/gemma-batch/jax` (honours XDG_CACHE_HOME)."""
-    root = os.environ.get("GEMMA_BATCH_CACHE")
-    if root:
-        return Path(root).expanduser() / "jax"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "gemma-batch" / "jax"
+    """`cache_dir()/jax`: $GEMMA_BATCH_CACHE/jax, else ~/.cache/gemma-batch/jax (XDG honoured)."""
+    return cache_dir() / "jax"
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:

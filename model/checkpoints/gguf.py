@@ -470,7 +470,7 @@ def _content_key(path: Path) -> str:
 
 
 def _cache_paths(path: Path) -> tuple[Path, Path]:
-    from model.embedded import cache_dir
+    from model.paths import cache_dir
 
     key = _content_key(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
