@@ -35,7 +35,10 @@ _NEG = -1e30  # mask value for attention scores (float32)
 class KVState:
     """Per-layer K/V caches and the positions their slots hold.
 
-    k, v: per layer [B, S_l, K, Dh]; S_l = max_len on global layers, the ring size on local ones.
+    k: per layer [B, S_l, K, Dh]; S_l = max_len on global layers, the ring size on local ones.
+    v: per layer [B, K, Dh, S_l] (slots last: both attention products then read the caches in
+      place; with [B, S, K, Dh] XLA's CPU dot copies V transposed every step, which made decode
+      attention 3-5x slower).
     pos_global: [B, max_len] int32 position held by each global slot (-1 = empty).
     pos_local: [B, ring] int32 position held by each local ring slot (-1 = empty).
     """
@@ -89,11 +92,11 @@ def init_params(cfg: GemmaConfig, key: Array, dtype: Any = jnp.float32) -> Param
 def init_state(cfg: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVState:
     """Empty caches for `batch` rows of up to `max_len` positions."""
     ring = _ring_size(cfg, max_len)
-    shapes = [(batch, ring if t == "local" else max_len, cfg.num_kv_heads, cfg.head_dim)
-              for t in cfg.layer_types]
+    sizes = [ring if t == "local" else max_len for t in cfg.layer_types]
+    k, dh = cfg.num_kv_heads, cfg.head_dim
     return KVState(
-        k=tuple(jnp.zeros(s, dtype) for s in shapes),
-        v=tuple(jnp.zeros(s, dtype) for s in shapes),
+        k=tuple(jnp.zeros((batch, s, k, dh), dtype) for s in sizes),
+        v=tuple(jnp.zeros((batch, k, dh, s), dtype) for s in sizes),
         pos_global=jnp.full((batch, max_len), -1, jnp.int32),
         pos_local=jnp.full((batch, ring), -1, jnp.int32),
     )
@@ -122,6 +125,21 @@ def _scatter(cache: Array, slots: Array, values: Array) -> Array:
     return cache.at[rows, slots].set(values.astype(cache.dtype), mode="drop")
 
 
+def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
+    """cache[b, ..., slots[b, t]] = values[b, t] for a slots-last cache [B, K, Dh, S]."""
+    b, t = slots.shape
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=slots.dtype)[:, None], (b, t))
+    idx = jnp.stack([rows, slots], axis=-1)  # [B, T, 2]: (row, slot)
+    # A direct scatter on the slots-last layout: `cache.at[rows, :, :, slots]` would scatter into
+    # a transposed view and copy the whole cache back every step.
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3), inserted_window_dims=(0, 3),
+        scatter_dims_to_operand_dims=(0, 3))
+    return jax.lax.scatter(cache, idx, values.astype(cache.dtype), dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+                           unique_indices=False, indices_are_sorted=False)
+
+
 def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
                cache: tuple[Array, Array, Array] | None, write_slots: Array | None
                ) -> tuple[Array, tuple[Array, Array] | None]:
@@ -130,7 +148,7 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     Args:
       x: [B, T, D] normalised input.
       positions: [B, T] (-1 = padding).
-      cache: (k [B,S,K,Dh], v [B,S,K,Dh], slot positions [B,S] after resets) or None.
+      cache: (k [B,S,K,Dh], v [B,K,Dh,S], slot positions [B,S] after resets) or None.
       write_slots: [B, T] slot per token for this layer's cache (S = drop).
     Returns:
       ([B, T, D] output, (new k, new v) or None).
@@ -149,12 +167,13 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     k = rope(k, positions, base, scale)
     q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
 
+    v_t = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, Dh, T]: the V cache layout
     new_kv = None
     if cache is None:
-        keys, values, key_pos = k, v, positions
+        keys, values, key_pos = k, v_t, positions
     else:
         ck, cv, cpos = cache
-        ck, cv = _scatter(ck, write_slots, k), _scatter(cv, write_slots, v)
+        ck, cv = _scatter(ck, write_slots, k), _scatter_last(cv, write_slots, v)
         new_kv = (ck, cv)
         if t == 1:
             # One token: writing first is safe (it only evicts a slot the query cannot see).
@@ -163,20 +182,23 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
             # A chunk may overwrite ring slots its own early queries still need: attend to the
             # old cache plus the chunk itself.
             keys = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=1)
-            values = jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=1)
+            values = jnp.concatenate([cache[1], v_t.astype(cache[1].dtype)], axis=3)
             key_pos = jnp.concatenate([cpos, positions], axis=1)
 
+    # Keys-major layouts: scores [B, K, S, G, T] and output [B, K, Dh, G, T] let XLA's CPU dots
+    # read K [B, S, K, Dh] and V [B, K, Dh, S] as stored (no per-step copy of the caches).
     qg = q.reshape(b, t, kh, g, cfg.head_dim)  # [B, T, K, G, Dh]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    scores = jnp.einsum("btkgd,bskd->bksgt", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32)  # [B, K, S, G, T]
     scores = softcap(scores, cfg.attn_softcap)
-    qp, kp = positions[:, :, None], key_pos[:, None, :]  # [B, T, 1], [B, 1, S]
-    mask = (kp >= 0) & (kp <= qp)
+    qp, kp = positions[:, None, :], key_pos[:, :, None]  # [B, 1, T], [B, S, 1]
+    mask = (kp >= 0) & (kp <= qp)  # [B, S, T]
     if local:
         mask &= qp - kp < cfg.sliding_window
-    scores = jnp.where(mask[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, K, G, Dh]
+    scores = jnp.where(mask[:, None, :, None, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=2).astype(values.dtype)
+    out = jnp.einsum("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
+    out = jnp.transpose(out, (0, 4, 1, 3, 2))  # [B, T, K, G, Dh]
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
     return jnp.einsum("bthk,hkd->btd", out, layer["o"]), new_kv
 
