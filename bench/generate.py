@@ -13,6 +13,7 @@ What is measured:
     through B continuous-batching slots); tokens/s = generated tokens / wall time (prefill
     included). Compile seconds cold (empty persistent cache) and warm (filled cache), each in a
     fresh subprocess, and the number of programs.
+    The same weights cast to bfloat16 at batch B (`ours_bf16_tok_s`, `vs_hf_bf16`).
   * HF: `generate` (CPU torch, sdpa attention, float32 and bfloat16) at batch 1 and batch B.
   * llama.cpp (llama-cpp-python, all cores): the prompts one after another, flash attention off
     and on; aggregate tokens/s.
@@ -431,6 +432,20 @@ def main() -> None:
     res["ours_tok_s"] = round(n_prompts * args.max_new / t_b, 2)
     res["ours_b1_tok_s"] = round(n_single * args.max_new / t_1, 2)
 
+    # The same weights in bfloat16 (matmuls accumulate in float32): against HF's bf16 row.
+    import jax.numpy as jnp
+
+    from model.api import Model
+
+    m16 = Model(model.name + "-bf16", model.config,
+                jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), model.params),
+                model.tokenizer)
+    run_ours(m16, prompts[:B], args.max_new, B)  # compile / warm up
+    t_16, ours_16 = timed(run_ours, m16, prompts, args.max_new, B)
+    res["ours_bf16_tok_s"] = round(n_prompts * args.max_new / t_16, 2)
+    res["ours_bf16_agreement"] = round(agreement([g.tokens for g in ours_16], ours_tok), 3)
+    del m16
+
     from model.buckets import DEFAULT_BUCKETS
 
     length = DEFAULT_BUCKETS.length_bucket(max(lengths) + args.max_new)
@@ -480,6 +495,8 @@ def main() -> None:
         if "hf_tok_s" in res:
             res["vs_hf"] = round(res["ours_tok_s"] / res["hf_tok_s"], 2)
             res["vs_hf_b1"] = round(res["ours_b1_tok_s"] / res["hf_b1_tok_s"], 2)
+        if "hf_bf16_tok_s" in res:
+            res["vs_hf_bf16"] = round(res["ours_bf16_tok_s"] / res["hf_bf16_tok_s"], 2)
 
     log(json.dumps(res))
     if not args.skip_llamacpp and real:
@@ -507,6 +524,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [("ours batch %d" % B, res["ours_tok_s"]), ("ours batch 1", res["ours_b1_tok_s"]),
+            ("ours bf16 batch %d" % B, res["ours_bf16_tok_s"]),
             ("HF fp32 batch %d" % B, res.get("hf_tok_s")),
             ("HF fp32 batch 1", res.get("hf_b1_tok_s")),
             ("HF bf16 batch %d" % B, res.get("hf_bf16_tok_s")),
@@ -516,7 +534,8 @@ def main() -> None:
     print(f"{'engine':<22}{'tokens/s':>10}")
     for name, v in rows:
         print(f"{name:<22}{'-' if v is None else f'{v:.1f}':>10}")
-    print(f"ratio vs HF (batch {B}): {res['vs_hf']}   vs llama.cpp: {res['vs_llamacpp']}")
+    print(f"ratio vs HF (batch {B}): {res['vs_hf']} (bf16 vs bf16: {res.get('vs_hf_bf16')})   "
+          f"vs llama.cpp: {res['vs_llamacpp']}")
     print(f"compile: cold {res['compile_cold_s']}s, warm {res['compile_warm_s']}s, "
           f"{res['programs']} programs")
     print(f"machine: matmul {res['matmul_gflops']} GFLOP/s, bandwidth {res['bandwidth_gbs']} GB/s")

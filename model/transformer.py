@@ -31,6 +31,16 @@ Params = dict[str, Any]
 _NEG = -1e30  # mask value for attention scores (float32)
 
 
+def _mm(spec: str, a: Array, b: Array) -> Array:
+    """einsum accumulated in float32, returned in `a`'s dtype.
+
+    For bfloat16 models this is both the accurate choice and, on CPUs with AVX512-BF16, the fast
+    one: XLA's bf16 x bf16 -> f32 dot runs ~2x faster than float32 there, while a bf16 -> bf16 dot
+    is ~6x slower (measured on the output projection, 16 rows: 18.6 / 38.7 / 228 ms).
+    """
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 @flax.struct.dataclass
 class KVState:
     """Per-layer K/V caches and the positions their slots hold.
@@ -155,9 +165,9 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     """
     b, t, _ = x.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q = jnp.einsum("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
-    k = jnp.einsum("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
-    v = jnp.einsum("btd,dnk->btnk", x, layer["v"])
+    q = _mm("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
+    k = _mm("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
+    v = _mm("btd,dnk->btnk", x, layer["v"])
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
@@ -197,15 +207,15 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
         mask &= qp - kp < cfg.sliding_window
     scores = jnp.where(mask[:, None, :, None, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=2).astype(values.dtype)
-    out = jnp.einsum("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
+    out = _mm("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
     out = jnp.transpose(out, (0, 4, 1, 3, 2))  # [B, T, K, G, Dh]
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
-    return jnp.einsum("bthk,hkd->btd", out, layer["o"]), new_kv
+    return _mm("bthk,hkd->btd", out, layer["o"]), new_kv
 
 
 def _mlp(layer: Params, x: Array) -> Array:
-    gate = gelu_tanh(x @ layer["gate"])  # [B, T, F]
-    return (gate * (x @ layer["up"])) @ layer["down"]
+    gate = gelu_tanh(_mm("btd,df->btf", x, layer["gate"]))  # [B, T, F]
+    return _mm("btf,fd->btd", gate * _mm("btd,df->btf", x, layer["up"]), layer["down"])
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
 LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
+MAX_SLOTS = 256  # decode slots per generate call at most (the engine's largest batch bucket)
 BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
@@ -93,9 +94,12 @@ class Predictor:
 
     def _generate(self, prompts: list[list[int]]) -> list[Any]:
         s = self.s
+        # All rows of a batch decode together: more rows per step, more tokens/s (Gemma 3 270M on
+        # 2 CPU cores: ~215 tok/s at 16 rows, ~340 at 64; bench/generate.py).
         return self.model.generate(
             prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, stop=self.stop)
+            top_p=s.top_p, seed=s.seed, stop=self.stop,
+            max_batch=max(1, min(len(prompts), MAX_SLOTS)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
