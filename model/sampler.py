@@ -363,7 +363,11 @@ def _finish(row: _Row, out: list[int], tokenizer: Any, stop_set: frozenset[int],
                       prompt_tokens=len(row.prompt), output_tokens=len(out))
 
 
-def _param_dtype(params: Any) -> Any:
+def _state_dtype(params: Any) -> Any:
+    """The params' floating dtype; float32 on CPU, where XLA would convert a bf16 cache to f32
+    for every attention product (bf16 model, 16 rows: decode step 65 -> 50 ms with f32 state)."""
+    if jax.default_backend() == "cpu":
+        return jnp.float32
     for leaf in jax.tree_util.tree_leaves(params):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             return leaf.dtype
@@ -408,7 +412,7 @@ def generate(family: ModuleType, cfg: Any, params: Any, tokenizer: Any,
       refill_min: with prompts waiting, the decode loop returns to the host to refill once this
         many slots are free (default: a quarter of the slots, at least 1).
       stop_check_every: with stop strings, decode steps between text checks on the host.
-      dtype: state dtype (default: the params' floating dtype).
+      dtype: state dtype (default: the params' floating dtype; float32 on CPU).
     Returns:
       One `Generation` per prompt.
     """
@@ -466,7 +470,7 @@ def generate(family: ModuleType, cfg: Any, params: Any, tokenizer: Any,
         return results  # type: ignore[return-value]
 
     enable_compile_cache()
-    engine = _Engine(family, cfg, params, dtype or _param_dtype(params), buckets)
+    engine = _Engine(family, cfg, params, dtype or _state_dtype(params), buckets)
     groups: dict[int, list[_Row]] = collections.defaultdict(list)
     for r in todo:
         groups[buckets.length_bucket(len(r.prompt) + r.max_new)].append(r)
