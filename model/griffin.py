@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import GriffinConfig
-from model.layers import gelu_tanh, rms_norm, rope, softcap
+from model.layers import dot, gelu_tanh, rms_norm, rope, softcap
 from model.scan import linear_scan
 
 Array = jax.Array
@@ -182,9 +182,9 @@ def init_state(cfg: GriffinConfig, batch: int, max_len: int = 0,
 
 def _mlp(p: Params, x: Array) -> Array:
     """GeGLU MLP with biases: [B, T, D] -> [B, T, D]."""
-    gate = gelu_tanh(x @ p["gate"] + p["gate_b"])  # [B, T, F]
-    up = x @ p["up"] + p["up_b"]
-    return (gate * up) @ p["down"] + p["down_b"]
+    gate = gelu_tanh(dot("btd,df->btf", x, p["gate"]) + p["gate_b"])  # [B, T, F]
+    up = dot("btd,df->btf", x, p["up"]) + p["up_b"]
+    return dot("btf,fd->btd", gate * up, p["down"]) + p["down_b"]
 
 
 def _rg_lru(p: Params, x: Array, pos: Array, h0: Array | None,
@@ -237,8 +237,8 @@ def _recurrent_block(p: Params, x: Array, pos: Array, st: RecurrentState | None,
     """
     b, t, _ = x.shape
     wc = cfg.conv1d_width
-    y = gelu_tanh(x @ p["linear_y"] + p["linear_y_b"])  # [B, T, L]
-    u = x @ p["linear_x"] + p["linear_x_b"]  # [B, T, L]
+    y = gelu_tanh(dot("btd,dl->btl", x, p["linear_y"]) + p["linear_y_b"])  # [B, T, L]
+    u = dot("btd,dl->btl", x, p["linear_x"]) + p["linear_x_b"]  # [B, T, L]
     if st is None:
         tail = jnp.zeros((b, wc - 1, u.shape[-1]), u.dtype)
         h0 = None
@@ -250,7 +250,7 @@ def _recurrent_block(p: Params, x: Array, pos: Array, st: RecurrentState | None,
     for j in range(wc):  # conv_w[j] multiplies the input (W-1-j) steps back
         conv = conv + ext[:, j:j + t] * p["conv_w"][j].astype(u.dtype)
     r, h_last = _rg_lru(p, conv, pos, h0, cfg)
-    out = (r * y) @ p["linear_out"] + p["linear_out_b"]
+    out = dot("btl,ld->btd", (r * y).astype(x.dtype), p["linear_out"]) + p["linear_out_b"]
     if st is None:
         return out, None
     # The last W-1 inputs of valid tokens: ext[n : n + W-1] (old tail if the row had none).
@@ -276,9 +276,9 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
     b, t, _ = x.shape
     s, h, k, dh = cfg.attention_window, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // k
-    q_ = jnp.einsum("btd,dhe->bthe", x, p["q"])  # [B, T, H, Dh]
-    k_ = jnp.einsum("btd,dke->btke", x, p["k"])  # [B, T, K, Dh]
-    v_ = jnp.einsum("btd,dke->btke", x, p["v"])
+    q_ = dot("btd,dhe->bthe", x, p["q"])  # [B, T, H, Dh]
+    k_ = dot("btd,dke->btke", x, p["k"])  # [B, T, K, Dh]
+    v_ = dot("btd,dke->btke", x, p["v"])
     q_ = rope(q_, pos, cfg.rope_base, rotary_dims=dh // 2)
     k_ = rope(k_, pos, cfg.rope_base, rotary_dims=dh // 2)
 
@@ -287,7 +287,9 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
         ring_v = ring_k
         ring_pos = jnp.full((b, s), -1, jnp.int32)
     else:
-        ring_k, ring_v = st.k.astype(k_.dtype), st.v.astype(v_.dtype)
+        # Attend in the ring's dtype (float32 rings for bf16 models on CPU: no per-step cast).
+        ring_k, ring_v = st.k, st.v
+        q_, k_, v_ = (a.astype(st.k.dtype) for a in (q_, k_, v_))
         ring_pos = jnp.where(reset[:, None], -1, st.pos)
 
     qb = min(t, s)  # queries per block
@@ -312,8 +314,9 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
     mask = (kpos[..., None, :] >= 0) & (dist >= 0) & (dist < s)
     logits = jnp.where(mask[:, :, None, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(vb.dtype)
-    enc = jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, vb).reshape(b, tp, h, dh)[:, :t]
-    out = jnp.einsum("bthe,hed->btd", enc, p["o"]) + p["o_b"]
+    enc = jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, vb).reshape(b, tp, h * dh)[:, :t]
+    o = p["o"].reshape(h * dh, -1)
+    out = dot("btf,fd->btd", enc.astype(x.dtype), o) + p["o_b"]
     if st is None:
         return out, None
 
@@ -384,7 +387,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
     if shift is not None:  # undo the roll
         back = (jnp.arange(t)[None, :] - shift[:, None]) % t
         x = jnp.take_along_axis(x, back[..., None], axis=1)
-    logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+    logits = dot("btd,vd->btv", x, embed, jnp.float32)
     logits = softcap(logits, cfg.final_softcap)
     return logits, (None if state is None else tuple(new_state))
 

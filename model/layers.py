@@ -1,4 +1,4 @@
-"""Small shared building blocks: RMSNorm, RoPE, GeGLU activation, soft-capping.
+"""Small shared building blocks: float32-accumulated products, RMSNorm, RoPE, GeGLU, soft-capping.
 
 Dimension letters used across model/: B batch, T query time, S key slots, D d_model,
 H query heads, K key/value heads, G query heads per kv head (H = K * G), Dh head dim,
@@ -7,10 +7,33 @@ F MLP hidden width, V vocabulary.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def dot(spec: str, a: Array, b: Array, out_dtype: Any = None) -> Array:
+    """einsum accumulated in float32, returned in `out_dtype` (default: `a`'s dtype).
+
+    For bfloat16 models this is both the accurate choice and, on CPUs with AVX512-BF16, the fast
+    one: XLA's bf16 x bf16 -> f32 dot runs ~2x faster than float32 there, while a bf16 -> bf16 dot
+    is ~6x slower (measured on the output projection, 16 rows: 18.6 / 38.7 / 228 ms).
+    """
+    out_dtype = out_dtype or a.dtype
+    one_row = math.prod(a.shape[:-1]) == 1
+    if one_row and a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        # XLA's CPU dot sends a one-row bf16 product down a path that converts the whole weight
+        # to f32 on every call (decode step, 1 row: 280 ms; 2 rows: 28 ms). A zero second row
+        # keeps it on the fast path; the product reads the weight once either way.
+        a2 = jnp.concatenate([a, jnp.zeros_like(a)], axis=0)
+        out = jnp.einsum(spec, a2, b, preferred_element_type=jnp.float32)[:1]
+    else:
+        out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
 
 
 def rms_norm(x: Array, w: Array, eps: float = 1e-6) -> Array:

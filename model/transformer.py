@@ -23,32 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from model.config import GemmaConfig
-from model.layers import gelu_tanh, rms_norm, rope, softcap
+from model.layers import dot, gelu_tanh, rms_norm, rope, softcap
 
 Array = jax.Array
 Params = dict[str, Any]
 
 _NEG = -1e30  # mask value for attention scores (float32)
-
-
-def _mm(spec: str, a: Array, b: Array, out_dtype: Any = None) -> Array:
-    """einsum accumulated in float32, returned in `out_dtype` (default: `a`'s dtype).
-
-    For bfloat16 models this is both the accurate choice and, on CPUs with AVX512-BF16, the fast
-    one: XLA's bf16 x bf16 -> f32 dot runs ~2x faster than float32 there, while a bf16 -> bf16 dot
-    is ~6x slower (measured on the output projection, 16 rows: 18.6 / 38.7 / 228 ms).
-    """
-    out_dtype = out_dtype or a.dtype
-    one_row = math.prod(a.shape[:-1]) == 1
-    if one_row and a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        # XLA's CPU dot sends a one-row bf16 product down a path that converts the whole weight
-        # to f32 on every call (decode step, 1 row: 280 ms; 2 rows: 28 ms). A zero second row
-        # keeps it on the fast path; the product reads the weight once either way.
-        a2 = jnp.concatenate([a, jnp.zeros_like(a)], axis=0)
-        out = jnp.einsum(spec, a2, b, preferred_element_type=jnp.float32)[:1]
-    else:
-        out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
 
 
 @flax.struct.dataclass
@@ -175,9 +155,9 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     """
     b, t, _ = x.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q = _mm("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
-    k = _mm("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
-    v = _mm("btd,dnk->btnk", x, layer["v"])
+    q = dot("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
+    k = dot("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
+    v = dot("btd,dnk->btnk", x, layer["v"])
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
@@ -219,16 +199,16 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
         mask &= qp - kp < cfg.sliding_window
     scores = jnp.where(mask[:, None, :, None, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=2).astype(values.dtype)
-    out = _mm("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
+    out = dot("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
     out = jnp.transpose(out, (0, 4, 1, 3, 2))  # [B, T, K, G, Dh]
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)
     o = layer["o"].reshape(cfg.num_heads * cfg.head_dim, -1)  # one contracting axis: a plain GEMM
-    return _mm("btf,fd->btd", out, o), new_kv
+    return dot("btf,fd->btd", out, o), new_kv
 
 
 def _mlp(layer: Params, x: Array) -> Array:
-    gate = gelu_tanh(_mm("btd,df->btf", x, layer["gate"]))  # [B, T, F]
-    return _mm("btf,fd->btd", gate * _mm("btd,df->btf", x, layer["up"]), layer["down"])
+    gate = gelu_tanh(dot("btd,df->btf", x, layer["gate"]))  # [B, T, F]
+    return dot("btf,fd->btd", gate * dot("btd,df->btf", x, layer["up"]), layer["down"])
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,
@@ -277,7 +257,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             new_v.append(kv[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    logits = _mm("btd,vd->btv", x, params["embed"], jnp.float32)
+    logits = dot("btd,vd->btv", x, params["embed"], jnp.float32)
     logits = softcap(logits, cfg.final_softcap)
     if state is None:
         return logits, None
