@@ -454,7 +454,7 @@ def main() -> None:
     many = our_prompts(model, max(LB, B))
     for b in sorted({1, B, LB}):
         # min over repeats: 3 for the cheap small batches, fewer for the large one
-        reps = (1 if args.quick else 2) if b == LB else 3
+        reps = 2 if b == LB else 3
         step = decode_step_seconds(model, many[:b], b, 4, 4 + (16 if args.quick else 32), reps)
         nbytes, flops = step_cost(model.config, b, length)
         t_mem, t_flop = nbytes / mach["bandwidth"], flops / mach["matmul_flops"]
