@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import GriffinConfig
-from model.layers import dot, gelu_tanh, rms_norm, rope, softcap
+from model.layers import dot, gelu_tanh, rms_norm, rope, softcap, unembed
 from model.scan import linear_scan
 
 Array = jax.Array
@@ -336,7 +336,8 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: GriffinState | None,
-            cfg: GriffinConfig) -> tuple[Array, GriffinState | None]:
+            cfg: GriffinConfig, vocab_major: bool = False
+            ) -> tuple[Array, GriffinState | None]:
     """Runs the model over a chunk of tokens, carrying the state.
 
     Args:
@@ -347,6 +348,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
       state: state from `init_state` / a previous call, or None for a full causal forward
         without a cache.
       cfg: model config (static under jit).
+      vocab_major: return decode logits as [V, B] (T must be 1; see `layers.unembed`).
     Returns:
       logits [B, T, V] float32 (garbage at padding) and the new state (None if state is None).
     """
@@ -387,8 +389,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
     if shift is not None:  # undo the roll
         back = (jnp.arange(t)[None, :] - shift[:, None]) % t
         x = jnp.take_along_axis(x, back[..., None], axis=1)
-    logits = dot("btd,vd->btv", x, embed, jnp.float32)
-    logits = softcap(logits, cfg.final_softcap)
+    logits = unembed(x, embed, cfg.final_softcap, vocab_major)
     return logits, (None if state is None else tuple(new_state))
 
 

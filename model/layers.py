@@ -36,6 +36,23 @@ def dot(spec: str, a: Array, b: Array, out_dtype: Any = None) -> Array:
     return out.astype(out_dtype)
 
 
+def unembed(x: Array, embed: Array, cap: float | None, vocab_major: bool = False) -> Array:
+    """Tied output projection to float32 logits, soft-capped.
+
+    x: [B, T, D]; embed: [V, D]. Returns [B, T, V], or with `vocab_major` (T must be 1) [V, B]:
+    for a few rows XLA's CPU dot computes E @ x^T faster than x @ E^T (16 rows of Gemma 3 270M,
+    with the greedy argmax: 31 vs 37 ms; 32 rows: 50 vs 61 ms), and a decode step's greedy rows
+    can take the argmax along V without a transpose.
+    """
+    if vocab_major:
+        if x.shape[1] != 1:
+            raise ValueError(f"vocab_major logits need one token per row, got T={x.shape[1]}")
+        logits = jnp.einsum("vd,bd->vb", embed, x[:, 0], preferred_element_type=jnp.float32)
+    else:
+        logits = dot("btd,vd->btv", x, embed, jnp.float32)
+    return softcap(logits, cap)
+
+
 def rms_norm(x: Array, w: Array, eps: float = 1e-6) -> Array:
     """Gemma RMSNorm: normalise in float32, scale by (1 + w), return in x's dtype."""
     x32 = x.astype(jnp.float32)

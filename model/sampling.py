@@ -69,6 +69,26 @@ def argmax(logits: Array, chunk: int = 512) -> Array:
     return (best_chunk * chunk + jnp.argmax(rows, axis=-1)).astype(jnp.int32)
 
 
+def argmax_vocab_major(logits_vb: Array, chunk: int = 512) -> Array:
+    """`argmax` of vocabulary-major logits [V, B] along V (first index of the maximum), int32 [B].
+
+    Same chunked scheme as `argmax`, reducing over the major axis, so the [V, B] product of a
+    small decode batch never needs transposing for greedy rows.
+    """
+    v, b = logits_vb.shape
+    if v < 8 * chunk:
+        top = jnp.max(logits_vb, axis=0, keepdims=True)
+        iota = jax.lax.broadcasted_iota(jnp.float32, logits_vb.shape, 0)  # exact < 2**24
+        idx = jnp.min(jnp.where(logits_vb == top, iota, float(v)), axis=0).astype(jnp.int32)
+        return jnp.where(idx >= v, 0, idx)
+    pad = (-v) % chunk
+    x = jnp.pad(logits_vb, [(0, pad), (0, 0)], constant_values=-jnp.inf) if pad else logits_vb
+    x_ncb = x.reshape((v + pad) // chunk, chunk, b)
+    best_chunk = jnp.argmax(jnp.max(x_ncb, axis=1), axis=0)  # [B]
+    rows = jnp.take_along_axis(x_ncb, best_chunk[None, None, :], axis=0)[0]  # [chunk, B]
+    return (best_chunk * chunk + jnp.argmax(rows, axis=0)).astype(jnp.int32)
+
+
 def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
     """Temperature-scaled logits with tokens outside top-k / top-p set to -inf.
 
@@ -100,31 +120,36 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array)
 
 
 def sample_rows(logits: Array, keys: Array, temperature: Array, top_k: Array,
-                top_p: Array) -> Array:
+                top_p: Array, vocab_major: bool = False) -> Array:
     """Draws one token per row with per-row settings.
 
     Args:
-      logits: float [B, V].
+      logits: float [B, V] (or [V, B] with `vocab_major`).
       keys: uint32 [B, 2] per-row keys (see `row_keys`).
       temperature / top_k / top_p: per-row settings [B] (see `filter_logits`).
+      vocab_major: logits are [V, B]; greedy rows read them as they are, and only a batch with
+        sampling rows transposes them.
     Returns:
       int32 [B] token ids; rows with temperature <= 0 get the argmax of `logits`.
     """
     logits = logits.astype(jnp.float32)
-    greedy_b = argmax(logits)
+    greedy_b = argmax_vocab_major(logits) if vocab_major else argmax(logits)
     sampling_b = temperature > 0
     needs_filter_b = sampling_b & ((top_k > 0) | (top_p < 1.0))
+
+    def rows_bv() -> Array:
+        return logits.T if vocab_major else logits
 
     def draw(x_bv: Array) -> Array:  # Gumbel-max: argmax(x + Gumbel noise) ~ softmax(x)
         noise_bv = jax.vmap(lambda k: jax.random.gumbel(k, x_bv.shape[-1:], jnp.float32))(keys)
         return argmax(x_bv + noise_bv)
 
     def filtered() -> Array:
-        return draw(filter_logits(logits, temperature, top_k, top_p))
+        return draw(filter_logits(rows_bv(), temperature, top_k, top_p))
 
     def scaled_only() -> Array:
         t_b = jnp.where(sampling_b, temperature, 1.0).astype(jnp.float32)
-        return draw(logits / t_b[:, None])
+        return draw(rows_bv() / t_b[:, None])
 
     # The full-vocabulary sort only runs when some row asks for top-k / top-p, and nothing but
     # the argmax runs when every row is greedy.

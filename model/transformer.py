@@ -3,7 +3,7 @@
 Family interface shared with `model.griffin` (the engine relies on nothing else):
   init_params(cfg, key, dtype) -> params
   init_state(cfg, batch, max_len, dtype) -> KVState
-  forward(params, tokens, positions, state, cfg) -> (logits, new_state)
+  forward(params, tokens, positions, state, cfg, vocab_major=False) -> (logits, new_state)
 
 The KV cache is position-tagged: every slot remembers the position it holds (-1 = empty), so
 one masking rule serves prefill, decode, ring buffers and slot reuse:
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import GemmaConfig
-from model.layers import dot, gelu_tanh, rms_norm, rope, softcap
+from model.layers import dot, gelu_tanh, rms_norm, rope, softcap, unembed
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -212,7 +212,7 @@ def _mlp(layer: Params, x: Array) -> Array:
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,
-            cfg: GemmaConfig) -> tuple[Array, KVState | None]:
+            cfg: GemmaConfig, vocab_major: bool = False) -> tuple[Array, KVState | None]:
     """Runs the decoder over a chunk of tokens.
 
     Args:
@@ -222,6 +222,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
         (its cached entries are dropped first).
       state: caches from `init_state`, or None for a full causal forward without cache.
       cfg: static config.
+      vocab_major: return decode logits as [V, B] (T must be 1; see `layers.unembed`).
     Returns:
       (logits [B, T, V] float32, updated state or None).
     """
@@ -257,8 +258,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             new_v.append(kv[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    logits = dot("btd,vd->btv", x, params["embed"], jnp.float32)
-    logits = softcap(logits, cfg.final_softcap)
+    logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major)
     if state is None:
         return logits, None
     new_state = KVState(

@@ -96,6 +96,26 @@ def test_argmax_is_the_first_index_of_the_max(v):
                                   np.argmax(x, axis=-1))
 
 
+@pytest.mark.parametrize("v", [50, 4096, 5000 + 7, 262144])
+def test_vocab_major_argmax_and_sampling_match_row_major(v):
+    rng = np.random.default_rng(v)
+    x = rng.normal(size=(6, v)).astype(np.float32)
+    x[1, [7, v - 3]] = 50.0  # ties: the first index wins
+    x[2, v - 1] = 60.0  # in the padded last chunk
+    x[3, :] = -1.0  # all equal
+    np.testing.assert_array_equal(
+        np.asarray(sampling.argmax_vocab_major(jnp.asarray(x.T))), np.argmax(x, axis=-1))
+    # Mixed greedy / sampled rows: [V, B] input gives exactly the [B, V] draws.
+    keys = sampling.row_keys(jnp.arange(6, dtype=jnp.uint32), jnp.arange(6), jnp.zeros((6,)))
+    temp = jnp.asarray([0.0, 1.0, 0.7, 1.0, 0.0, 1.3])
+    top_k = jnp.asarray([0, 0, 5, 0, 3, 0])
+    top_p = jnp.asarray([1.0, 1.0, 1.0, 0.9, 1.0, 1.0])
+    row_major = sampling.sample_rows(jnp.asarray(x), keys, temp, top_k, top_p)
+    vocab_major = sampling.sample_rows(jnp.asarray(x.T), keys, temp, top_k, top_p,
+                                       vocab_major=True)
+    np.testing.assert_array_equal(np.asarray(vocab_major), np.asarray(row_major))
+
+
 def test_mixed_rows_use_their_own_settings():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(6, 50)).astype(np.float32))
