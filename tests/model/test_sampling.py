@@ -85,24 +85,25 @@ def test_top_k_1_equals_greedy_and_greedy_is_argmax():
     assert (np.asarray(sampling.Temperature(1.0).sample(logits, keys)) != greedy).any()
 
 
-@pytest.mark.parametrize("v", [300, 4096, 5000])
-def test_argmax_is_the_first_index_of_the_max(v):
-    rng = np.random.default_rng(v)
-    x = rng.normal(size=(5, v)).astype(np.float32)
+def _argmax_cases(v: int, rows: int = 6) -> np.ndarray:
+    """Random logits [rows, v] with ties, a maximum in the last chunk and an all-equal row."""
+    x = np.random.default_rng(v).normal(size=(rows, v)).astype(np.float32)
     x[1, [7, v - 3]] = 50.0  # ties: the first index wins
     x[2, v - 1] = 60.0  # in the padded last chunk
     x[3, :] = -1.0  # all equal
+    return x
+
+
+@pytest.mark.parametrize("v", [300, 4096, 5000])
+def test_argmax_is_the_first_index_of_the_max(v):
+    x = _argmax_cases(v)
     np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(x))),
                                   np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("v", [50, 4096, 5000 + 7, 262144])
 def test_vocab_major_argmax_and_sampling_match_row_major(v):
-    rng = np.random.default_rng(v)
-    x = rng.normal(size=(6, v)).astype(np.float32)
-    x[1, [7, v - 3]] = 50.0  # ties: the first index wins
-    x[2, v - 1] = 60.0  # in the padded last chunk
-    x[3, :] = -1.0  # all equal
+    x = _argmax_cases(v)
     np.testing.assert_array_equal(
         np.asarray(sampling.argmax_vocab_major(jnp.asarray(x.T))), np.argmax(x, axis=-1))
     # Mixed greedy / sampled rows: [V, B] input gives exactly the [B, V] draws.
