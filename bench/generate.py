@@ -22,7 +22,9 @@ What is measured:
     reduction, a copy and a matrix-vector product), against our decode step (bytes and FLOPs per
     step from the config): the bandwidth fraction at batch 1 (memory-bound) and the FLOP fraction
     at a large batch (`--large-batch`, compute-bound); `roofline_fraction` is the smaller of the
-    two. Batch B is reported too (for a 270M model at batch 16 neither bound dominates).
+    two. The peaks are measured next to each decode-step measurement and their median is used
+    (they drift with the load of the VM's neighbours). Batch B is reported too (for a 270M model
+    at batch 16 neither bound dominates).
   * profile: one decode step split into forward, output projection and the rest (loop,
     sampling, bookkeeping).
 """
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -426,12 +429,9 @@ def main() -> None:
 
     log(json.dumps(res))
     log("machine roofline ...")
-    mach = measure_machine()
-    res.update(matmul_gflops=round(mach["matmul_flops"] / 1e9, 1),
-               bandwidth_gbs=round(mach["bandwidth"] / 1e9, 2),
-               bw_read_gbs=round(mach["bw_read"] / 1e9, 2),
-               bw_copy_gbs=round(mach["bw_copy"] / 1e9, 2),
-               bw_gemv_gbs=round(mach["bw_gemv"] / 1e9, 2))
+    # This machine's peaks drift with its neighbours' load (bandwidth 40-68 GB/s across runs):
+    # it is measured again next to every decode-step measurement and the median is used.
+    samples = [measure_machine()]
 
     log("ours ...")
     B = args.batch
@@ -471,14 +471,27 @@ def main() -> None:
         # min over repeats: 3 for the cheap small batches, fewer for the large one
         reps = 2 if b == LB else 3
         step = decode_step_seconds(model, many[:b], b, 4, 4 + (16 if args.quick else 32), reps)
+        samples.append(measure_machine())
+        prof[b] = {"step_ms": step * 1e3, **{k + "_ms": v * 1e3
+                                             for k, v in profile_step(model, b, length).items()}}
+    mach = {k: statistics.median(m[k] for m in samples) for k in samples[0]}
+    res.update(matmul_gflops=round(mach["matmul_flops"] / 1e9, 1),
+               bandwidth_gbs=round(mach["bandwidth"] / 1e9, 2),
+               bw_read_gbs=round(mach["bw_read"] / 1e9, 2),
+               bw_copy_gbs=round(mach["bw_copy"] / 1e9, 2),
+               bw_gemv_gbs=round(mach["bw_gemv"] / 1e9, 2),
+               bandwidth_range_gbs=[round(min(m["bandwidth"] for m in samples) / 1e9, 1),
+                                    round(max(m["bandwidth"] for m in samples) / 1e9, 1)],
+               matmul_range_gflops=[round(min(m["matmul_flops"] for m in samples) / 1e9, 1),
+                                    round(max(m["matmul_flops"] for m in samples) / 1e9, 1)])
+    for b, p in prof.items():
         nbytes, flops = step_cost(model.config, b, length)
         t_mem, t_flop = nbytes / mach["bandwidth"], flops / mach["matmul_flops"]
-        parts = profile_step(model, b, length)
-        prof[b] = {"step_ms": step * 1e3, "mem_bound_ms": t_mem * 1e3,
-                   "flop_bound_ms": t_flop * 1e3, "binding": "memory" if t_mem > t_flop
-                   else "compute", "fraction": max(t_mem, t_flop) / step,
-                   "bw_fraction": t_mem / step, "flop_fraction": t_flop / step,
-                   **{k + "_ms": v * 1e3 for k, v in parts.items()}}
+        step = p["step_ms"] / 1e3
+        p.update(mem_bound_ms=t_mem * 1e3, flop_bound_ms=t_flop * 1e3,
+                 binding="memory" if t_mem > t_flop else "compute",
+                 fraction=max(t_mem, t_flop) / step, bw_fraction=t_mem / step,
+                 flop_fraction=t_flop / step)
     res["roofline_bw_b1"] = round(prof[1]["bw_fraction"], 3)
     res["roofline_flops_large"] = round(prof[LB]["flop_fraction"], 3)
     res["roofline_fraction"] = min(res["roofline_bw_b1"], res["roofline_flops_large"])
@@ -555,7 +568,9 @@ def main() -> None:
           f"vs llama.cpp: {res['vs_llamacpp']}")
     print(f"compile: cold {res['compile_cold_s']}s, warm {res['compile_warm_s']}s, "
           f"{res['programs']} programs")
-    print(f"machine: matmul {res['matmul_gflops']} GFLOP/s, bandwidth {res['bandwidth_gbs']} GB/s")
+    print(f"machine (median of {len(samples)} measurements): matmul "
+          f"{res['matmul_gflops']} GFLOP/s (range {res['matmul_range_gflops']}), "
+          f"bandwidth {res['bandwidth_gbs']} GB/s (range {res['bandwidth_range_gbs']})")
     for b, p in prof.items():
         print(f"decode step batch {b}: {p['step_ms']:.1f} ms (bound {p['binding']} "
               f"{max(p['mem_bound_ms'], p['flop_bound_ms']):.1f} ms -> {p['fraction']:.0%}); "
