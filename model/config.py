@@ -80,10 +80,6 @@ class GemmaConfig:
         if "local" in self.layer_types and not self.sliding_window:
             raise ValueError("local layers need a sliding_window > 0")
 
-    @property
-    def kind(self) -> str:
-        return "transformer"
-
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
         d, h, k, dh, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_dim
@@ -139,10 +135,6 @@ class GriffinConfig:
     end_of_turn_id: int | None = 107
 
     family: Literal["recurrentgemma"] = "recurrentgemma"
-
-    @property
-    def kind(self) -> str:
-        return "griffin"
 
     @property
     def block_types(self) -> tuple[BlockType, ...]:
