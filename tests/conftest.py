@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per session, a real GCS-compatible server, moto S3.
+"""Shared fixtures: one local Ray cluster per session, a real GCS-compatible server, moto S3;
+and under CI=true a session that skipped any test fails (CI installs everything the suite needs).
 
 The storage servers start before Ray, so Ray workers inherit their endpoints (and moto's dummy
 credentials) through the cluster's runtime environment.
@@ -22,6 +23,43 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Generator actors start fresh in every test; let them share compiled programs on disk.
 _JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gemma-batch-test-jax-cache")
 _TEST_ENV = {"JAX_PLATFORMS": "cpu", "GEMMA_BATCH_JAX_CACHE": _JAX_CACHE}
+
+
+_SKIPPED: list[str] = []  # "nodeid: reason" of every skipped test or module
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        _SKIPPED.append(f"{report.nodeid}: {str(reason).removeprefix('Skipped: ')}")
+
+
+def pytest_collectreport(report) -> None:
+    _note_skip(report)  # a module-level skip (e.g. a failed importorskip) drops a whole file
+
+
+def pytest_runtest_logreport(report) -> None:
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Under CI=true a skip is a failure: CI installs every package the suite imports."""
+    if _ci() and _SKIPPED and exitstatus in (0, 5):  # 5: every test of the run was skipped
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _ci() and _SKIPPED:
+        terminalreporter.write_line(
+            f"CI=true: {len(_SKIPPED)} skipped test(s) fail this run; install what they need "
+            "(pip install \".[test]\" && pip install --no-deps -r tests/references.txt):",
+            red=True)
+        for s in _SKIPPED:
+            terminalreporter.write_line(f"  SKIPPED {s}", red=True)
 
 
 def _free_port() -> int:
