@@ -39,7 +39,7 @@ class Bare:
 
     def __init__(self, model_name: str, rows: list[dict], batch: int, max_new: int):
         from model import load_model
-        from model.buckets import enable_compile_cache
+        from model.engine import enable_compile_cache
         from pipeline.prompts import PromptBuilder, PromptSettings, default_stop
 
         enable_compile_cache()  # the same persistent cache the pipeline's actors use
@@ -67,8 +67,9 @@ class Bare:
 
 def pipeline(model_name: str, rows: list[dict], batch: int, max_new: int, tmp: Path) -> dict:
     """The full Ray pipeline (local cluster, one actor), timed between first and last commit."""
-    from jobs.spec import build_spec
-    from pipeline.run import run_job, shutdown_ray
+    from pipeline.spec import build_spec
+    from pipeline.ray_env import shutdown_ray
+    from pipeline.run import run_job
 
     pq.write_table(pa.Table.from_pylist(rows), tmp / "in.parquet")
     commits: list[tuple[float, int]] = []

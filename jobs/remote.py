@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from jobs.spec import JobSpec
+from pipeline.spec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -28,6 +28,8 @@ AGENT_WAIT_S = 120.0  # how long to wait for a freshly started head's job agent
 
 class RemoteError(RuntimeError):
     """The cluster could not be reached, refused us, or does not know the job (one line)."""
+
+    exit_code = 1
 
 
 def resolve_address(address: str | None) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+
+from jobs.flags import add_job_flags, spec_from_args
 
 REMOTE_COMMANDS = ("submit", "status", "logs", "schedule")
 
@@ -17,12 +18,12 @@ def _address(p: argparse.ArgumentParser) -> None:
                         "~/.ray/auth_token")
 
 
-def add_parsers(sub, job_flags: Callable[[argparse.ArgumentParser], None], epilog: str) -> list:
+def add_parsers(sub, epilog: str) -> list:
     """Registers the four subcommands; returns their parsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API)",
                             epilog=epilog, formatter_class=fmt)
-    job_flags(submit)
+    add_job_flags(submit)
     _address(submit)
     submit.add_argument("--job-id", help="submission id (default: generated)")
     submit.add_argument("--wait", action="store_true",
@@ -46,7 +47,7 @@ def add_parsers(sub, job_flags: Callable[[argparse.ArgumentParser], None], epilo
         "schedule", help="run a job on a cron schedule (on a cluster, or --local)",
         epilog="The output may contain {date} {time} {datetime} {run}, filled per run.\n"
                + epilog, formatter_class=fmt)
-    job_flags(sched)
+    add_job_flags(sched)
     _address(sched)
     sched.add_argument("--cron", required=True,
                        help="cron expression, e.g. '0 2 * * *' (UTC); 6 fields = seconds last")
@@ -58,7 +59,7 @@ def add_parsers(sub, job_flags: Callable[[argparse.ArgumentParser], None], epilo
     return [submit, status, logs, sched]
 
 
-def handle(args: argparse.Namespace, spec_from_args: Callable) -> int:
+def handle(args: argparse.Namespace) -> int:
     """Runs one of the four subcommands. Raises SpecError / RemoteError for the caller."""
     from jobs import remote
 

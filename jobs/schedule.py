@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jobs.spec import JobSpec, SpecError
+from pipeline.spec import JobSpec, SpecError
 from model.paths import cache_dir
 
 _FIELDS = ("date", "time", "datetime", "run")

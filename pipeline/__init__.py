@@ -1,11 +1,22 @@
-"""gemma-batch's Ray Data pipeline: storage, prompts, the generator actor, and the job runner.
+"""gemma-batch's Ray Data pipeline: the job spec, preflight, reading, the generator actor, the
+commit loop and publish. Names are exported lazily, so importing the spec stays light.
 
-    from jobs.spec import build_spec
-    from pipeline import run_job
+    from pipeline import build_spec, run_job
     summary = run_job(build_spec({"input": "in/", "output": "out/", "model": "tiny-gemma3"}))
 """
 
-from pipeline.errors import InputError, JobError
-from pipeline.run import run_job
+from __future__ import annotations
 
-__all__ = ["run_job", "InputError", "JobError"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"run_job": "pipeline.run", "build_spec": "pipeline.spec", "JobSpec": "pipeline.spec",
+            "InputError": "pipeline.errors", "JobError": "pipeline.errors"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -16,12 +16,12 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.prompts import Prompt, PromptBuilder, PromptSettings, default_stop
+from pipeline.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
 LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
-MAX_SLOTS = 256  # decode slots per generate call at most (the engine's largest batch bucket)
 BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
@@ -46,6 +46,16 @@ class GenSettings:
     seed: int
     stop: tuple[str, ...] | None
     schema: pa.Schema  # the output schema (id, contract columns, carried columns)
+
+    @classmethod
+    def of(cls, spec: JobSpec, schema: pa.Schema) -> "GenSettings":
+        s = spec.sampling
+        return cls(
+            model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
+            instruction=spec.instruction, summary_words=spec.summary_words,
+            max_prompt_tokens=spec.max_prompt_tokens, long_document=spec.long_document,
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None, schema=schema)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -99,7 +109,7 @@ class Predictor:
         return self.model.generate(
             prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=self.stop,
-            max_batch=max(1, min(len(prompts), MAX_SLOTS)))
+            max_batch=max(1, min(len(prompts), self.model.engine.buckets.max_batch)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows

@@ -7,7 +7,6 @@ naming the shard and column (exit code 2); nothing is written.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.spec import JobSpec
 from pipeline.errors import InputError, JobError
-from pipeline.storage import Output, Shard, get_fs, list_shards
+from pipeline.output import CONTRACT_FIELDS, RESERVED, Mode, OutputDir
+from pipeline.spec import JobSpec
+from pipeline.storage import Shard, get_fs, list_shards
 
-# Output columns every row has (the output contract), in order.
-CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
-    ("task", pa.string()),
-    ("output", pa.string()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),
-    ("error_kind", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("output_tokens", pa.int32()),
-    ("truncated", pa.bool_()),
-    ("model", pa.string()),
-)
-RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}
-# Spec fields that must match for --resume to continue a run.
-RESUME_KEYS = ("input", "task", "model", "id_column", "text_column", "question_column",
-               "context_column", "prompt_format", "instruction", "summary_words")
 UNIT_ROWS = 2048  # rows per read task, at most (whole row groups)
 
 
@@ -131,73 +115,11 @@ def check_model_source(source: str) -> None:
         )
 
 
-def check_output(spec: JobSpec) -> tuple[Output, str]:
-    """Decides what to do with the output directory: 'new', 'overwrite', 'resume' or 'finished'."""
-    out = Output(spec.output)
-    try:
-        names = out.ls()
-    except (PermissionError, ConnectionError) as e:
-        raise JobError(
-            f"output {spec.output}: storage unreachable or refused access: {e}") from None
-    foreign = [n for n in names if not out.is_ours(n)]
-    if foreign:
-        raise InputError(
-            f"output {spec.output} holds files that are not a gemma-batch output (e.g. "
-            f"{foreign[0]!r}); choose an empty or new output directory"
-        )
-    if not names:
-        return out, "new"
-    if spec.overwrite:
-        return out, "overwrite"
-    finished = Output.SUCCESS in names
-    if spec.resume:
-        return out, "finished" if finished else "resume"
-    if finished:
-        raise InputError(
-            f"output {spec.output} already holds a finished run; pass --overwrite to replace it"
-        )
-    raise InputError(
-        f"output {spec.output} holds an unfinished run; pass --resume to continue it or "
-        "--overwrite to start over"
-    )
-
-
-def check_resume_spec(out: Output, spec: JobSpec) -> None:
-    """Refuses --resume when the earlier run's spec differs in what shapes the outputs."""
-    rel = f"{Output.PARTS}/{Output.RUN}"
-    if not out.exists(rel):
-        return
-    try:
-        before = out.read_json(rel).get("spec", {})
-    except (ValueError, OSError):
-        return
-    now = json.loads(spec.model_dump_json())
-    diff = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
-    if diff:
-        raise InputError(
-            f"--resume: this spec differs from the interrupted run in {', '.join(diff)}; "
-            "use the same spec, or --overwrite to start over"
-        )
-
-
-def read_done_ids(out: Output) -> set:
-    """Ids already committed under the parts prefix (unreadable leftovers are ignored)."""
-    done: set = set()
-    for name in out.ls(Output.PARTS):
-        if not name.endswith(".parquet"):
-            continue
-        try:
-            ids = out.read_table(f"{Output.PARTS}/{name}", columns=["id"]).column("id")
-        except (pa.ArrowException, OSError, KeyError):
-            continue
-        done.update(ids.to_pylist())
-    return done
-
-
-def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
+def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     """Checks model source, output state and every input shard; returns the plan."""
     check_model_source(spec.model)
-    out, mode = check_output(spec)
+    out = OutputDir(spec.output)
+    mode = out.mode(overwrite=spec.overwrite, resume=spec.resume)
     shards = list_shards(spec.input)
     out_prefix = out.fs.unstrip_protocol(out.path).rstrip("/") + "/"
     inside = [sh.url for sh in shards if sh.url.startswith(out_prefix)]
@@ -263,21 +185,7 @@ def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
                     )
                 id_chunks.append((shard, ids))
             schemas.append(schema)
-            first = 0
-            group: list[int] = []
-            rows_in_group = 0
-            md = pf.metadata
-            for rg in range(md.num_row_groups):
-                r = md.row_group(rg).num_rows
-                if group and rows_in_group + r > UNIT_ROWS:
-                    units.append(
-                        ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
-                    first += rows_in_group
-                    group, rows_in_group = [], 0
-                group.append(rg)
-                rows_in_group += r
-            if group:
-                units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows_in_group))
+            units.extend(_read_units(shard, pf.metadata))
             total += n
         finally:
             f.close()
@@ -292,10 +200,28 @@ def preflight(spec: JobSpec) -> tuple[Plan, Output, str]:
     read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
     plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema)
     if mode == "resume":
-        check_resume_spec(out, spec)
-        plan.done_ids = read_done_ids(out)
+        out.check_resume(spec.output_shaping())
+        plan.done_ids = out.done_ids()
         plan.resumed = True
     return plan, out, mode
+
+
+def _read_units(shard: Shard, md: pq.FileMetaData) -> list[ReadUnit]:
+    """Whole row groups of one shard, grouped into units of at most UNIT_ROWS rows."""
+    units: list[ReadUnit] = []
+    first = rows = 0
+    group: list[int] = []
+    for rg in range(md.num_row_groups):
+        r = md.row_group(rg).num_rows
+        if group and rows + r > UNIT_ROWS:
+            units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows))
+            first += rows
+            group, rows = [], 0
+        group.append(rg)
+        rows += r
+    if group:
+        units.append(ReadUnit(shard.url, shard.name, tuple(group), first, rows))
+    return units
 
 
 def _check_unique(idc: str, chunks: list[tuple[Shard, pa.ChunkedArray]]) -> None:

@@ -1,4 +1,5 @@
-"""Storage through fsspec: gs:// (gcsfs), s3:// (s3fs), file:// and plain paths, memory://.
+"""Storage through fsspec: filesystems per URL (gs://, s3://, file://, paths, memory://), the
+worker environment that reaches the same storage, and listing input shards.
 
 Credentials come from the environment (each library's own conventions) and never enter a URL,
 a log line or an output. `STORAGE_EMULATOR_HOST` points gs:// at an emulator, anonymously, as it
@@ -10,12 +11,9 @@ the same in a Ray worker whose environment differs.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
 import posixpath
-import uuid
-from typing import Any, Iterable
+from typing import Any
 
 from pipeline.errors import InputError, JobError
 
@@ -138,104 +136,3 @@ def _short_names(urls: list[str]) -> list[str]:
         if len(set(names)) == len(names) or depth >= max(len(p) for p in parts):
             return names
         depth += 1
-
-
-class Output:
-    """An output directory: staged parts, atomic file writes, publish markers."""
-
-    PARTS = "_parts"
-    STAGING = "_staging"
-    SUMMARY = "_SUMMARY.json"
-    SUCCESS = "_SUCCESS"
-    RUN = "_RUN.json"
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.fs, self.path = get_fs(url)
-
-    def _p(self, *rel: str) -> str:
-        return posixpath.join(self.path, *rel) if rel else self.path
-
-    def refresh(self) -> None:
-        self.fs.invalidate_cache()
-
-    def exists(self, *rel: str) -> bool:
-        try:
-            return bool(self.fs.exists(self._p(*rel)))
-        except FileNotFoundError:
-            return False
-
-    def ls(self, *rel: str) -> list[str]:
-        """Base names under a folder (empty when missing)."""
-        self.refresh()
-        try:
-            entries = self.fs.ls(self._p(*rel), detail=False)
-        except FileNotFoundError:
-            return []
-        base = self._p(*rel).rstrip("/")
-        out = []
-        for e in entries:
-            name = posixpath.basename(e.rstrip("/"))
-            if e.rstrip("/") != base and name:
-                out.append(name)
-        return sorted(set(out))
-
-    def is_finished(self) -> bool:
-        self.refresh()
-        return self.exists(self.SUCCESS)
-
-    def is_ours(self, name: str) -> bool:
-        return name in (self.PARTS, self.STAGING, self.SUMMARY, self.SUCCESS) or (
-            name.startswith("part-") and name.endswith(".parquet")
-        )
-
-    def foreign_entries(self) -> list[str]:
-        return [n for n in self.ls() if not self.is_ours(n)]
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Writes a file so that readers never see a partial one (temp name, then move)."""
-        final = self._p(rel)
-        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
-
-    def write_table(self, rel: str, table) -> None:
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(rel, buf.getvalue())
-
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-    def read_json(self, rel: str) -> Any:
-        with self.fs.open(self._p(rel), "rb") as f:
-            return json.loads(f.read().decode())
-
-    def read_table(self, rel: str, columns: list[str] | None = None):
-        import pyarrow.parquet as pq
-
-        with self.fs.open(self._p(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    def move(self, src_rel: str, dst_rel: str) -> None:
-        self.fs.mv(self._p(src_rel), self._p(dst_rel))
-
-    def remove(self, rels: Iterable[str]) -> None:
-        for rel in rels:
-            p = self._p(rel)
-            try:
-                if self.fs.isdir(p):
-                    self.fs.rm(p, recursive=True)
-                else:
-                    self.fs.rm(p)
-            except FileNotFoundError:
-                pass
-        self.refresh()
-
-    def clear_ours(self) -> None:
-        """Removes everything a previous run of ours left (never foreign files)."""
-        self.remove([n for n in self.ls() if self.is_ours(n)])

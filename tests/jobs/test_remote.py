@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.schedule import check_template, next_fire, render_output
-from jobs.spec import JobSpec, SpecError
+from pipeline.spec import JobSpec, SpecError
 
 TOKEN = "gemma-batch-test-token-" + os.urandom(8).hex()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import build_parser, spec_from_args
-from jobs.spec import SpecError, build_spec, load_spec_file
-from pipeline.run import actor_options
+from pipeline.spec import SpecError, build_spec, load_spec_file
+from pipeline.ray_env import actor_options
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "examples").glob("*.yaml"))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from pipeline.run import Progress, _root_cause
+from pipeline.errors import root_cause
+from pipeline.progress import Progress
 
 
 def test_progress_line_counts_rows_tokens_errors():
@@ -38,4 +39,4 @@ def test_root_cause_unwraps_chained_errors():
         except FileNotFoundError as inner:
             raise Wrapper("") from inner
     except Wrapper as e:
-        assert _root_cause(e) == "FileNotFoundError: weights.bin missing"
+        assert root_cause(e) == "FileNotFoundError: weights.bin missing"

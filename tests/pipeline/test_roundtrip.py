@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.spec import build_spec
+from pipeline.spec import build_spec
 from pipeline.run import run_job
 from pipeline.storage import get_fs, join, storage_options
 

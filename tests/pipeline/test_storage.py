@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.storage import Output, list_shards
+from pipeline.output import OutputDir
+from pipeline.storage import list_shards
 
 
 def _touch(p, data=b"x"):
@@ -30,7 +31,7 @@ def test_directory_glob_and_list(tmp_path):
 
 
 def test_output_files_on_gcs(gcs_server):
-    out = Output("gs://test-bucket/storage-test/out")
+    out = OutputDir("gs://test-bucket/storage-test/out")
     assert out.ls() == [] and not out.is_finished()
     out.write_json("_parts/_RUN.json", {"a": 1})
     out.write_bytes("_SUCCESS", b"")

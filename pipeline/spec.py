@@ -5,16 +5,23 @@ Validated once at the edge (`JobSpec.model_validate` / `load_spec`); code past t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.config import DEFAULT_MODEL
+from pipeline.errors import InputError
+
 Task = Literal["summarize", "answer", "raw"]
+# Spec fields that must match for --resume to continue a run.
+_SHAPING = ("input", "task", "model", "id_column", "text_column", "question_column",
+            "context_column", "prompt_format", "instruction", "summary_words")
 
 
-class SpecError(ValueError):
-    """A spec (file or flags) that cannot describe a job; the message is one line."""
+class SpecError(InputError):
+    """A spec (file or flags) that cannot describe a job; the message is one line (exit 2)."""
 
 
 class SamplingSpec(BaseModel):
@@ -87,7 +94,7 @@ class JobSpec(BaseModel):
     output: str = Field(description="Output directory URL (gs://, s3://, file:// or a path).")
     task: Task = Field("summarize", description="summarize | answer | raw (text is the prompt).")
     model: str = Field(
-        "gemma3-270m", description="Preset name, HF directory, .gguf file or checkpoint dir."
+        DEFAULT_MODEL, description="Preset name, HF directory, .gguf file or checkpoint dir."
     )
     dtype: str | None = Field(None, description="Compute dtype (None = the model's default).")
     prompt_format: Literal["auto", "chat", "completion"] = Field(
@@ -141,6 +148,11 @@ class JobSpec(BaseModel):
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; give at least one Parquet file")
         return self
+
+    def output_shaping(self) -> dict[str, Any]:
+        """The fields that shape the outputs: --resume continues a run only when they match."""
+        now = json.loads(self.model_dump_json())
+        return {k: now.get(k) for k in _SHAPING}
 
     def input_columns(self) -> list[str]:
         """Columns the job reads to build prompts (id excluded)."""

@@ -1,0 +1,94 @@
+"""Job flags of `gemma-batch run|validate|submit|schedule` and their overlay onto a spec file.
+
+Which flag lands where (top level, `sampling`, `resources`) follows the spec's own fields, so a
+field added to the spec needs only its flag here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from model.config import DEFAULT_MODEL
+from pipeline.spec import JobSpec, ResourceSpec, SamplingSpec, SpecError, build_spec, load_spec_file
+
+# Spec sections a flag can set, by the dest of the flag (= the field name).
+_SECTIONS: dict[str, type] = {"sampling": SamplingSpec, "resources": ResourceSpec}
+_TOP = {name for name, f in JobSpec.model_fields.items() if name not in _SECTIONS}
+
+
+def add_job_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that describe a job; each dest is a field of JobSpec or one of its sections."""
+    p.add_argument("spec", nargs="?", help="job spec YAML file (flags override its fields)")
+    g = p.add_argument_group("job")
+    g.add_argument("--input", nargs="+", metavar="URL",
+                   help="Parquet input: directory, glob or files (gs://, s3://, file://, path)")
+    g.add_argument("--output", metavar="URL", help="output directory")
+    g.add_argument("--task", choices=["summarize", "answer", "raw"])
+    g.add_argument("--model",
+                   help=f"preset name, HF directory or .gguf file (default {DEFAULT_MODEL})")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--prompt-format", choices=["auto", "chat", "completion"])
+    g.add_argument("--id-column")
+    g.add_argument("--text-column")
+    g.add_argument("--question-column")
+    g.add_argument("--context-column")
+    g.add_argument("--instruction", help="summarize: replaces the default instruction")
+    g.add_argument("--summary-words", type=int)
+    g.add_argument("--max-prompt-tokens", type=int)
+    g.add_argument("--long-document", choices=["error", "truncate"])
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--rows-per-output-shard", type=int)
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    r = p.add_argument_group("resources")
+    r.add_argument("--accelerator", choices=["cpu", "gpu", "tpu"])
+    r.add_argument("--num-actors", type=int, help="fixed actor pool size")
+    r.add_argument("--min-actors", type=int, help="autoscaling pool: fewest actors")
+    r.add_argument("--max-actors", type=int, help="autoscaling pool: most actors")
+    r.add_argument("--num-cpus-per-actor", type=float)
+    r.add_argument("--tpu-chips", type=int)
+    r.add_argument("--accelerator-type")
+    m = p.add_argument_group("run")
+    m.add_argument("--resume", action="store_true", default=None,
+                   help="continue an interrupted run: only ids not yet committed are generated")
+    m.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing output")
+    m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="plain progress lines (default: on when stderr is not a terminal)")
+
+
+def section_of(dest: str) -> str | None:
+    """Where a flag's value goes in the spec: "" (top level), a section name, or None."""
+    for section, model in _SECTIONS.items():
+        if dest in model.model_fields:
+            return section
+    return "" if dest in _TOP else None
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """Spec file (if any) overlaid with the flags that were given; raises SpecError."""
+    data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
+    where = f"spec {args.spec}" if args.spec else "flags"
+    for key, value in vars(args).items():
+        section = section_of(key)
+        if value is None or section is None:
+            continue
+        if key == "input" and isinstance(value, list):
+            value = value[0] if len(value) == 1 else value
+        if not section:
+            data[key] = value
+            continue
+        part = data.setdefault(section, {})
+        part[key] = value
+        if key in ("min_actors", "max_actors"):
+            part.setdefault("num_actors", None)  # asking for autoscaling drops the fixed size
+    for required in ("input", "output"):
+        if required not in data:
+            raise SpecError(
+                f"{where}: {required} is missing; pass --{required} or set it in a spec file")
+    return build_spec(data, where)

@@ -1,0 +1,222 @@
+"""The output directory and its rules: what is ours, the run's mode, committed parts (what
+--resume trusts), the run record, publish moves and the final markers; every write is atomic.
+
+Layout of a finished run: `part-NNNNN.parquet` shards, `_SUMMARY.json`, then `_SUCCESS` last.
+While a run goes: `_parts/` holds one committed Parquet part per batch plus `_RUN.json` (the
+spec that started it); `_staging/` holds shards being published.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Any, Iterable, Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, JobError
+from pipeline.storage import get_fs
+
+Mode = Literal["new", "overwrite", "resume", "finished"]
+
+# Output columns every row has besides `id` (the output contract), in order.
+CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("task", pa.string()),
+    ("output", pa.string()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+    ("error_kind", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("output_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("model", pa.string()),
+)
+RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}
+
+
+class OutputDir:
+    """One output directory (any fsspec URL)."""
+
+    PARTS = "_parts"
+    STAGING = "_staging"
+    SUMMARY = "_SUMMARY.json"
+    SUCCESS = "_SUCCESS"
+    RUN = "_RUN.json"
+
+    def __init__(self, url: str):
+        self.given = url  # as the user wrote it, for messages
+        self.url = url.rstrip("/")
+        self.fs, self.path = get_fs(url)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _p(self, *rel: str) -> str:
+        return posixpath.join(self.path, *rel) if rel else self.path
+
+    def refresh(self) -> None:
+        self.fs.invalidate_cache()
+
+    def exists(self, *rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._p(*rel)))
+        except FileNotFoundError:
+            return False
+
+    def ls(self, *rel: str) -> list[str]:
+        """Base names under a folder (empty when missing)."""
+        self.refresh()
+        try:
+            entries = self.fs.ls(self._p(*rel), detail=False)
+        except FileNotFoundError:
+            return []
+        base = self._p(*rel).rstrip("/")
+        names = {posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base}
+        return sorted(n for n in names if n)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Writes a file so that readers never see a partial one (temp name, then move)."""
+        final = self._p(rel)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        with self.fs.open(self._p(rel), "rb") as f:
+            return json.loads(f.read().decode())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self._p(rel), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def move(self, src_rel: str, dst_rel: str) -> None:
+        self.fs.mv(self._p(src_rel), self._p(dst_rel))
+
+    def remove(self, rels: Iterable[str]) -> None:
+        for rel in rels:
+            p = self._p(rel)
+            try:
+                if self.fs.isdir(p):
+                    self.fs.rm(p, recursive=True)
+                else:
+                    self.fs.rm(p)
+            except FileNotFoundError:
+                pass
+        self.refresh()
+
+    # -- what is ours, and the run's mode ---------------------------------------------------
+
+    def is_ours(self, name: str) -> bool:
+        return name in (self.PARTS, self.STAGING, self.SUMMARY, self.SUCCESS) or (
+            name.startswith("part-") and name.endswith(".parquet"))
+
+    def is_finished(self) -> bool:
+        self.refresh()
+        return self.exists(self.SUCCESS)
+
+    def clear_ours(self) -> None:
+        """Removes everything a previous run of ours left (never foreign files)."""
+        self.remove([n for n in self.ls() if self.is_ours(n)])
+
+    def mode(self, *, overwrite: bool, resume: bool) -> Mode:
+        """What a new run does here: 'new', 'overwrite', 'resume' or 'finished' (nothing to do).
+
+        Raises InputError for foreign files or an existing run the flags do not address, and
+        JobError when the storage cannot be listed.
+        """
+        try:
+            names = self.ls()
+        except (PermissionError, ConnectionError) as e:
+            raise JobError(
+                f"output {self.given}: storage unreachable or refused access: {e}") from None
+        foreign = [n for n in names if not self.is_ours(n)]
+        if foreign:
+            raise InputError(
+                f"output {self.given} holds files that are not a gemma-batch output (e.g. "
+                f"{foreign[0]!r}); choose an empty or new output directory")
+        if not names:
+            return "new"
+        if overwrite:
+            return "overwrite"
+        finished = self.SUCCESS in names
+        if resume:
+            return "finished" if finished else "resume"
+        if finished:
+            raise InputError(
+                f"output {self.given} already holds a finished run; pass --overwrite to replace it")
+        raise InputError(
+            f"output {self.given} holds an unfinished run; pass --resume to continue it or "
+            "--overwrite to start over")
+
+    # -- the run record and committed parts -------------------------------------------------
+
+    def write_run_record(self, spec_json: dict[str, Any], attempt: str) -> None:
+        """Records the spec that started this run (first write of a new run)."""
+        self.write_json(f"{self.PARTS}/{self.RUN}", {"spec": spec_json, "started": attempt})
+
+    def check_resume(self, shaping: dict[str, Any]) -> None:
+        """Refuses --resume when the interrupted run's spec differs in these fields."""
+        rel = f"{self.PARTS}/{self.RUN}"
+        if not self.exists(rel):
+            return
+        try:
+            before = self.read_json(rel).get("spec", {})
+        except (ValueError, OSError):
+            return
+        diff = [k for k, v in shaping.items() if before.get(k) != v]
+        if diff:
+            raise InputError(
+                f"--resume: this spec differs from the interrupted run in {', '.join(diff)}; "
+                "use the same spec, or --overwrite to start over")
+
+    def commit(self, attempt: str, seq: int, table: pa.Table) -> None:
+        """Commits one finished batch as a part (atomic: a part is whole or absent)."""
+        self.write_table(f"{self.PARTS}/{attempt}-{seq:06d}.parquet", table)
+
+    def committed_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The committed parts in name order; unreadable leftovers are skipped."""
+        for name in self.ls(self.PARTS):
+            if not name.endswith(".parquet"):
+                continue
+            try:
+                yield self.read_table(f"{self.PARTS}/{name}", columns=columns)
+            except (pa.ArrowException, OSError, KeyError):
+                continue
+
+    def done_ids(self) -> set:
+        """Ids already committed (what --resume skips)."""
+        done: set = set()
+        for t in self.committed_parts(columns=["id"]):
+            done.update(t.column("id").to_pylist())
+        return done
+
+    # -- publish ----------------------------------------------------------------------------
+
+    def clear_staging(self) -> None:
+        """Removes shards of an earlier, unfinished publish (staged or already moved)."""
+        stale = [n for n in self.ls() if n.startswith("part-") and n.endswith(".parquet")]
+        self.remove(stale + [self.STAGING])
+
+    def stage(self, name: str, table: pa.Table) -> None:
+        self.write_table(f"{self.STAGING}/{name}", table)
+
+    def publish(self, names: list[str], summary: dict[str, Any]) -> None:
+        """Moves staged shards in place, writes `_SUMMARY.json`, then `_SUCCESS` last, and drops
+        the parts."""
+        for name in names:
+            self.move(f"{self.STAGING}/{name}", name)
+        self.write_json(self.SUMMARY, summary)
+        self.write_bytes(self.SUCCESS, b"")
+        self.remove([self.PARTS, self.STAGING])

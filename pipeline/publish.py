@@ -1,0 +1,146 @@
+"""Publish: committed parts -> output shards deduplicated by id (staged, then moved in place),
+and the run summary written beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import JobError
+from pipeline.output import OutputDir
+from pipeline.preflight import Plan
+from pipeline.spec import JobSpec
+
+
+@dataclasses.dataclass
+class Compacted:
+    """What the staged shards hold."""
+
+    names: list[str] = dataclasses.field(default_factory=list)
+    rows: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    finish: dict[str, int] = dataclasses.field(default_factory=dict)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclasses.dataclass
+class AttemptStats:
+    """What this attempt generated (a resumed run counts only its own rows)."""
+
+    rows_generated: int
+    output_tokens: int
+    wall_s: float
+    latencies: list[float]  # per batch, seconds inside generate
+    mode: str
+
+
+def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int) -> Compacted:
+    """Stages the committed parts as shards of about `rows_per_shard` rows, each id once.
+
+    Raises JobError (nothing published) when the parts do not hold every input row.
+    """
+    out.clear_staging()
+    schema = plan.output_schema()
+    seen: set = set()
+    done = Compacted()
+    pending: list[pa.Table] = []
+    pending_rows = 0
+
+    def flush(force: bool = False) -> None:
+        nonlocal pending, pending_rows
+        if not pending and not (force and not done.names):
+            return
+        name = f"part-{len(done.names):05d}.parquet"
+        out.stage(name, pa.concat_tables(pending) if pending else schema.empty_table())
+        done.names.append(name)
+        pending, pending_rows = [], 0
+
+    for t in out.committed_parts():
+        ids = t.column("id").to_pylist()
+        keep = [i for i, v in enumerate(ids) if v not in seen]
+        if len(keep) != len(ids):
+            t = t.take(pa.array(keep, pa.int64()))
+        seen.update(ids)
+        if t.num_rows == 0:
+            continue
+        t = t.select(schema.names).cast(schema)
+        _add_counts(done.errors, t.column("error_kind"))
+        _add_counts(done.finish, t.column("finish_reason"))
+        done.prompt_tokens += pc.sum(t.column("prompt_tokens")).as_py() or 0
+        done.output_tokens += pc.sum(t.column("output_tokens")).as_py() or 0
+        pending.append(t)
+        pending_rows += t.num_rows
+        if pending_rows >= rows_per_shard:
+            flush()
+    flush(force=True)
+    done.rows = len(seen)
+    if done.rows != plan.total_rows:
+        raise JobError(
+            f"output has {done.rows} rows for {plan.total_rows} input rows; nothing was "
+            "published; rerun with --resume to finish the missing rows")
+    return done
+
+
+def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dict[str, Any]:
+    """The `_SUMMARY.json` of a run: rows, errors, tokens, speed, model, spec and versions."""
+    lat, wall, gen_tokens = a.latencies, a.wall_s, a.output_tokens
+    return {
+        "rows_in": plan.total_rows,
+        "rows_out": c.rows,
+        "rows_generated_this_run": a.rows_generated,
+        "rows_resumed": len(plan.done_ids),
+        "errors": sum(c.errors.values()),
+        "errors_by_kind": c.errors,
+        "finish_reasons": c.finish,
+        "prompt_tokens": c.prompt_tokens,
+        "output_tokens": c.output_tokens,
+        "generation_wall_s": round(wall, 3),
+        "tokens_per_s": round(gen_tokens / wall, 3) if wall > 0 and gen_tokens else 0.0,
+        # Per actor, generate calls only (no startup, model load or queueing).
+        "generate_tokens_per_s": round(gen_tokens / sum(lat), 3) if lat and sum(lat) > 0 else 0.0,
+        "batches": len(lat),
+        "batch_latency_p50_s": _round(_percentile(lat, 0.5)),
+        "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
+        "model": spec.model,
+        "output_files": c.names,
+        "mode": a.mode,
+        "spec": json.loads(spec.model_dump_json()),
+        "versions": _versions(),
+    }
+
+
+def _add_counts(into: dict[str, int], col: pa.ChunkedArray) -> None:
+    vc = pc.value_counts(col)
+    for k, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+        if k is not None:
+            into[k] = into.get(k, 0) + n
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = min(len(v) - 1, max(0, round(q * (len(v) - 1))))
+    return v[k]
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("gemma-batch", "ray", "jax", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
