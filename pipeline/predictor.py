@@ -104,8 +104,8 @@ class Predictor:
 
     def _generate(self, prompts: list[list[int]]) -> list[Any]:
         s = self.s
-        # All rows of a batch decode together: more rows per step, more tokens/s (Gemma 3 270M on
-        # 2 CPU cores: ~215 tok/s at 16 rows, ~340 at 64; bench/generate.py).
+        # All rows of a batch decode together (up to the engine's largest slot bucket): more rows
+        # per decode step give more tokens/s (bench/generate.py measures it per batch size).
         return self.model.generate(
             prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=self.stop,
