@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from model import griffin
 from model.checkpoints import hf_griffin
 from model.config import PRESETS, PUBLISHED_SIZES
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 WINDOW = 16
 T = 64
@@ -170,14 +169,40 @@ def test_position_zero_resets_a_row(ref):
     assert np.abs(rest[0] - want[0, 12:16]).max() <= 1e-4
 
 
-def test_state_size_does_not_depend_on_max_len():
+def _tree_bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_state_after_real_tokens_does_not_grow(ref):
+    """The state carried out of 2x and 16x the window of real tokens: same shapes and bytes."""
+    _, cfg, params, _, _ = ref
+    toks = np.random.RandomState(5).randint(3, 384, size=(2, 16 * WINDOW)).astype(np.int32)
+    _, short = _run_chunks(params, cfg, toks[:, :2 * WINDOW], [2 * WINDOW])
+    _, long = _run_chunks(params, cfg, toks, [2 * WINDOW] * 8)
+    assert jax.tree.map(np.shape, short) == jax.tree.map(np.shape, long)
+    assert _tree_bytes(short) == _tree_bytes(long) == griffin.state_bytes(cfg, 2)
+    ring = next(s for s in long if isinstance(s, griffin.AttentionState))
+    assert int(np.asarray(ring.pos).max()) == 16 * WINDOW - 1  # the long run really went far
+
+
+def test_preset_state_after_1k_and_32k_tokens_is_the_same_size():
+    """recurrentgemma-2b's state out of a forward over 1,024 and 32,768 tokens (eval_shape:
+    traced, nothing allocated)."""
     cfg = PRESETS["recurrentgemma-2b"]
-    sizes = {n: griffin.state_bytes(cfg, 1) for n in (1024, 32_768)}
-    shapes = [jax.eval_shape(lambda n=n: griffin.init_state(cfg, 4, n, jnp.bfloat16))
-              for n in (1024, 32_768)]
-    assert jax.tree.map(lambda s: s.shape, shapes[0]) == jax.tree.map(lambda s: s.shape,
-                                                                      shapes[1])
-    assert sizes[1024] == sizes[32_768] < 100 * 2**20
+    params = jax.eval_shape(lambda: griffin.init_params(cfg, jax.random.PRNGKey(0),
+                                                        jnp.bfloat16))
+
+    def state_after(n: int):
+        def run(p):
+            tokens, pos = jnp.zeros((4, n), jnp.int32), _pos(4, 0, n)
+            return griffin.forward(p, tokens, pos, griffin.init_state(cfg, 4, n, jnp.bfloat16),
+                                   cfg)[1]
+        return jax.eval_shape(run, params)
+
+    short, long = state_after(1024), state_after(32_768)
+    assert jax.tree.map(lambda s: s.shape, short) == jax.tree.map(lambda s: s.shape, long)
+    assert _tree_bytes(short) == _tree_bytes(long) == griffin.state_bytes(cfg, 4, jnp.bfloat16)
+    assert _tree_bytes(long) < 100 * 2**20
 
 
 @pytest.mark.parametrize("name", ["recurrentgemma-2b", "recurrentgemma-9b"])
