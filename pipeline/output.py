@@ -8,17 +8,12 @@ spec that started it); `_staging/` holds shards being published.
 
 from __future__ import annotations
 
-import io
-import json
-import posixpath
-import uuid
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobError
-from pipeline.storage import get_fs
+from pipeline.storage import Dir
 
 Mode = Literal["new", "overwrite", "resume", "finished"]
 
@@ -37,7 +32,7 @@ CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}
 
 
-class OutputDir:
+class OutputDir(Dir):
     """One output directory (any fsspec URL)."""
 
     PARTS = "_parts"
@@ -45,76 +40,6 @@ class OutputDir:
     SUMMARY = "_SUMMARY.json"
     SUCCESS = "_SUCCESS"
     RUN = "_RUN.json"
-
-    def __init__(self, url: str):
-        self.given = url  # as the user wrote it, for messages
-        self.url = url.rstrip("/")
-        self.fs, self.path = get_fs(url)
-
-    # -- files ------------------------------------------------------------------------------
-
-    def _p(self, *rel: str) -> str:
-        return posixpath.join(self.path, *rel) if rel else self.path
-
-    def refresh(self) -> None:
-        self.fs.invalidate_cache()
-
-    def exists(self, *rel: str) -> bool:
-        try:
-            return bool(self.fs.exists(self._p(*rel)))
-        except FileNotFoundError:
-            return False
-
-    def ls(self, *rel: str) -> list[str]:
-        """Base names under a folder (empty when missing)."""
-        self.refresh()
-        try:
-            entries = self.fs.ls(self._p(*rel), detail=False)
-        except FileNotFoundError:
-            return []
-        base = self._p(*rel).rstrip("/")
-        names = {posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base}
-        return sorted(n for n in names if n)
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Writes a file so that readers never see a partial one (temp name, then move)."""
-        final = self._p(rel)
-        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
-
-    def write_table(self, rel: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(rel, buf.getvalue())
-
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-    def read_json(self, rel: str) -> Any:
-        with self.fs.open(self._p(rel), "rb") as f:
-            return json.loads(f.read().decode())
-
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(self._p(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    def move(self, src_rel: str, dst_rel: str) -> None:
-        self.fs.mv(self._p(src_rel), self._p(dst_rel))
-
-    def remove(self, rels: Iterable[str]) -> None:
-        for rel in rels:
-            p = self._p(rel)
-            try:
-                if self.fs.isdir(p):
-                    self.fs.rm(p, recursive=True)
-                else:
-                    self.fs.rm(p)
-            except FileNotFoundError:
-                pass
-        self.refresh()
 
     # -- what is ours, and the run's mode ---------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Storage through fsspec: filesystems per URL (gs://, s3://, file://, paths, memory://), the
-worker environment that reaches the same storage, and listing input shards.
+worker environment that reaches the same storage, listing input shards, and directories with
+atomic writes.
 
 Credentials come from the environment (each library's own conventions) and never enter a URL,
 a log line or an output. `STORAGE_EMULATOR_HOST` points gs:// at an emulator, anonymously, as it
@@ -11,11 +12,17 @@ the same in a Ray worker whose environment differs.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import posixpath
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pipeline.errors import InputError, JobError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # gcsfs probes hierarchical-namespace buckets with a call emulators do not serve; it must be
 # switched off before gcsfs is first imported, in the driver and in every Ray worker.
@@ -136,3 +143,80 @@ def _short_names(urls: list[str]) -> list[str]:
         if len(set(names)) == len(names) or depth >= max(len(p) for p in parts):
             return names
         depth += 1
+
+
+class Dir:
+    """A directory at any fsspec URL, with atomic file writes (readers never see a partial
+    file) and small read helpers; paths are relative to it."""
+
+    def __init__(self, url: str):
+        self.given = url  # as the user wrote it, for messages
+        self.url = url.rstrip("/")
+        self.fs, self.path = get_fs(url)
+
+    def _p(self, *rel: str) -> str:
+        return posixpath.join(self.path, *rel) if rel else self.path
+
+    def refresh(self) -> None:
+        self.fs.invalidate_cache()
+
+    def exists(self, *rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._p(*rel)))
+        except FileNotFoundError:
+            return False
+
+    def ls(self, *rel: str) -> list[str]:
+        """Base names under a folder (empty when missing)."""
+        self.refresh()
+        try:
+            entries = self.fs.ls(self._p(*rel), detail=False)
+        except FileNotFoundError:
+            return []
+        base = self._p(*rel).rstrip("/")
+        names = {posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base}
+        return sorted(n for n in names if n)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Writes a file so that readers never see a partial one (temp name, then move)."""
+        final = self._p(rel)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        with self.fs.open(self._p(rel), "rb") as f:
+            return json.loads(f.read().decode())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        with self.fs.open(self._p(rel), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def move(self, src_rel: str, dst_rel: str) -> None:
+        self.fs.mv(self._p(src_rel), self._p(dst_rel))
+
+    def remove(self, rels: Iterable[str]) -> None:
+        for rel in rels:
+            p = self._p(rel)
+            try:
+                if self.fs.isdir(p):
+                    self.fs.rm(p, recursive=True)
+                else:
+                    self.fs.rm(p)
+            except FileNotFoundError:
+                pass
+        self.refresh()
