@@ -1,9 +1,10 @@
 """RecurrentGemma (Griffin): RG-LRU recurrent blocks and local multi-query attention, in JAX.
 
-Pure functions over an explicit parameter tree and an explicit, fixed-size state:
+Pure functions over an explicit parameter tree and an explicit, fixed-size state (the `Family`
+protocol, model/family.py):
   init_params(cfg, key, dtype) -> params
   init_state(cfg, batch, max_len, dtype) -> state     (its size does not depend on max_len)
-  forward(params, tokens, positions, state, cfg) -> (logits, new_state)
+  forward(params, tokens, positions, state, cfg, vocab_major=False) -> (logits, new_state)
 
 Dimension letters: B batch, T chunk time, S ring slots (= attention_window), D d_model,
 L lru_width, H query heads, K key/value heads, G = H // K, Dh head dim, F MLP width,
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import GriffinConfig
-from model.layers import dot, gelu_tanh, rms_norm, rope, softcap, unembed
+from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
+                          write_slots)
 from model.scan import linear_scan
 
 Array = jax.Array
@@ -321,14 +323,9 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
         return out, None
 
     # Write the last S valid tokens of each row into slots pos % S (others are dropped).
-    last = jnp.max(pos, axis=1, keepdims=True)  # [B, 1]
-    write = (pos >= 0) & (pos > last - s)
-    slot = jnp.where(write, pos % s, s)  # slot S is out of range: mode="drop" skips it
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    new = AttentionState(
-        k=st.k.at[rows, slot].set(k_.astype(st.k.dtype), mode="drop"),
-        v=st.v.at[rows, slot].set(v_.astype(st.v.dtype), mode="drop"),
-        pos=ring_pos.at[rows, slot].set(pos, mode="drop"))
+    slot = write_slots(pos, s, ring=True)  # [B, T]
+    new = AttentionState(k=scatter_slots(st.k, slot, k_), v=scatter_slots(st.v, slot, v_),
+                         pos=scatter_slots(ring_pos, slot, pos))
     return out, new
 
 

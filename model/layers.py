@@ -1,4 +1,5 @@
-"""Small shared building blocks: float32-accumulated products, RMSNorm, RoPE, GeGLU, soft-capping.
+"""Small shared building blocks: float32-accumulated products, RMSNorm, RoPE, GeGLU, soft-capping,
+and the cache write rule (which slot a position goes to, ring buffers included).
 
 Dimension letters used across model/: B batch, T query time, S key slots, D d_model,
 H query heads, K key/value heads, G query heads per kv head (H = K * G), Dh head dim,
@@ -96,3 +97,27 @@ def rope(x: Array, positions: Array, base: float, scale: float = 1.0,
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([out, rest], axis=-1) if rd < dh else out
+
+
+def write_slots(positions: Array, size: int, ring: bool) -> Array:
+    """Slot index per token for a cache of `size` slots; `size` (out of range) means "drop".
+
+    positions: [B, T]. Padding (-1) is dropped. A ring holds position p in slot p % size, and
+    only the last `size` positions of each row are written, so no two tokens of one chunk land
+    in the same slot; a flat cache holds p in slot p (positions >= size are dropped).
+    """
+    valid = positions >= 0
+    if ring:
+        last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]
+        valid &= positions > last - size
+        slots = positions % size
+    else:
+        valid &= positions < size
+        slots = positions
+    return jnp.where(valid, slots, size)
+
+
+def scatter_slots(cache: Array, slots: Array, values: Array) -> Array:
+    """cache[b, slots[b, t]] = values[b, t] (cache [B, S, ...]); out-of-range slots are dropped."""
+    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
+    return cache.at[rows, slots].set(values.astype(cache.dtype), mode="drop")

@@ -1,6 +1,6 @@
 """Gemma 1 / 2 / 3 (text) decoder in plain JAX.
 
-Family interface shared with `model.griffin` (the engine relies on nothing else):
+Implements the `Family` protocol (model/family.py), as `model.griffin` does:
   init_params(cfg, key, dtype) -> params
   init_state(cfg, batch, max_len, dtype) -> KVState
   forward(params, tokens, positions, state, cfg, vocab_major=False) -> (logits, new_state)
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from model.config import GemmaConfig
-from model.layers import dot, gelu_tanh, rms_norm, rope, softcap, unembed
+from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
+                          write_slots)
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -102,29 +103,6 @@ def init_state(cfg: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.floa
     )
 
 
-def _write_slots(positions: Array, size: int, ring: bool) -> Array:
-    """Slot index per token for a cache of `size` slots; `size` (out of range) means "drop".
-
-    positions: [B, T]. Padding (-1) is dropped; on a ring only the last `size` positions of each
-    row are written, so no two tokens of one chunk land in the same slot.
-    """
-    valid = positions >= 0
-    if ring:
-        last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]
-        valid &= positions > last - size
-        slots = positions % size
-    else:
-        valid &= positions < size
-        slots = positions
-    return jnp.where(valid, slots, size)
-
-
-def _scatter(cache: Array, slots: Array, values: Array) -> Array:
-    """cache[b, slots[b, t]] = values[b, t]; out-of-range slots are dropped."""
-    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
-    return cache.at[rows, slots].set(values.astype(cache.dtype), mode="drop")
-
-
 def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
     """cache[b, ..., slots[b, t]] = values[b, t] for a slots-last cache [B, K, Dh, S]."""
     b, t = slots.shape
@@ -141,7 +119,7 @@ def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
 
 
 def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
-               cache: tuple[Array, Array, Array] | None, write_slots: Array | None
+               cache: tuple[Array, Array, Array] | None, write_at: Array | None
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """Self-attention of one layer.
 
@@ -149,7 +127,7 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
       x: [B, T, D] normalised input.
       positions: [B, T] (-1 = padding).
       cache: (k [B,S,K,Dh], v [B,K,Dh,S], slot positions [B,S] after resets) or None.
-      write_slots: [B, T] slot per token for this layer's cache (S = drop).
+      write_at: [B, T] slot per token for this layer's cache (S = drop).
     Returns:
       ([B, T, D] output, (new k, new v) or None).
     """
@@ -173,11 +151,11 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
         keys, values, key_pos = k, v_t, positions
     else:
         ck, cv, cpos = cache
-        ck, cv = _scatter(ck, write_slots, k), _scatter_last(cv, write_slots, v)
+        ck, cv = scatter_slots(ck, write_at, k), _scatter_last(cv, write_at, v)
         new_kv = (ck, cv)
         if t == 1:
             # One token: writing first is safe (it only evicts a slot the query cannot see).
-            keys, values, key_pos = ck, cv, _scatter(cpos, write_slots, positions)
+            keys, values, key_pos = ck, cv, scatter_slots(cpos, write_at, positions)
         else:
             # A chunk may overwrite ring slots its own early queries still need: attend to the
             # old cache plus the chunk itself.
@@ -235,8 +213,8 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
         restart = jnp.any(positions == 0, axis=1, keepdims=True)  # [B, 1]
         pos_g = jnp.where(restart, -1, state.pos_global)
         pos_l = jnp.where(restart, -1, state.pos_local)
-        slots_g = _write_slots(positions, pos_g.shape[1], ring=False)
-        slots_l = _write_slots(positions, pos_l.shape[1], ring=True)
+        slots_g = write_slots(positions, pos_g.shape[1], ring=False)
+        slots_l = write_slots(positions, pos_l.shape[1], ring=True)
 
     for i, layer in enumerate(params["layers"]):
         local = cfg.layer_types[i] == "local"
@@ -263,7 +241,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
         return logits, None
     new_state = KVState(
         k=tuple(new_k), v=tuple(new_v),
-        pos_global=_scatter(pos_g, slots_g, positions),
-        pos_local=_scatter(pos_l, slots_l, positions),
+        pos_global=scatter_slots(pos_g, slots_g, positions),
+        pos_local=scatter_slots(pos_l, slots_l, positions),
     )
     return logits, new_state
