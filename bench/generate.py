@@ -117,10 +117,8 @@ def our_prompts(model, n: int) -> list[list[int]]:
 
 
 def run_ours(model, prompts, max_new: int, max_batch: int):
-    from model import sampler
-
-    return sampler.generate(model.family, model.config, model.params, model.tokenizer, prompts,
-                            max_new_tokens=max_new, max_batch=max_batch, stop_token_ids=[])
+    return model.generate(prompts, max_new_tokens=max_new, max_batch=max_batch,
+                          stop_token_ids=[])
 
 
 def compile_probe(args) -> None:
@@ -128,8 +126,7 @@ def compile_probe(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from model import sampler, transformer
-    from model.buckets import COMPILE_LOG
+    from model import Model, transformer
     from model.config import get_preset
     from model.tokenizer import ByteTokenizer
 
@@ -139,13 +136,14 @@ def compile_probe(args) -> None:
     lengths = json.loads(args.probe_lengths)
     prompts = [[2] * n for n in lengths]
     t0 = time.perf_counter()
+    m = Model("probe", cfg, params, ByteTokenizer(cfg.vocab_size))
     for b, ps in ((args.batch, prompts), (1, prompts[:1])):
-        sampler.generate(transformer, cfg, params, ByteTokenizer(cfg.vocab_size), ps,
-                         max_new_tokens=args.max_new, max_batch=b, stop_token_ids=[])
-    print(json.dumps({"compile_s": COMPILE_LOG.seconds, "programs": COMPILE_LOG.count,
+        m.generate(ps, max_new_tokens=args.max_new, max_batch=b, stop_token_ids=[])
+    log_ = m.engine.compile_log
+    print(json.dumps({"compile_s": log_.seconds, "programs": log_.count,
                       "total_s": time.perf_counter() - t0,
                       "records": [(r.program, r.shapes, round(r.seconds, 2))
-                                  for r in COMPILE_LOG.records]}))
+                                  for r in log_.records]}))
 
 
 def compile_seconds(args, lengths: list[int], cache_dir: str) -> dict:
@@ -212,7 +210,7 @@ def profile_step(model, batch: int, length: int, reps: int = 5) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from model import sampling
+    from model.engine import sampling
 
     cfg, fam, params = model.config, model.family, model.params
     state = fam.init_state(cfg, batch, length, jnp.float32)
@@ -461,9 +459,7 @@ def main() -> None:
     res["ours_bf16_agreement"] = round(agreement([g.tokens for g in ours_16], ours_tok), 3)
     del m16
 
-    from model.buckets import DEFAULT_BUCKETS
-
-    length = DEFAULT_BUCKETS.length_bucket(max(lengths) + args.max_new)
+    length = model.engine.buckets.length_bucket(max(lengths) + args.max_new)
     prof = {}
     LB = args.large_batch
     many = our_prompts(model, max(LB, B))

@@ -5,16 +5,15 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import transformer
-from model.sampler import Generation
-from model.config import PRESETS, GemmaConfig, GriffinConfig, ModelConfig
+from model.config import PRESETS, GemmaConfig, ModelConfig
+from model.engine import Engine, Generation, generate
+from model.family import Family, Params, family_of
 from model.errors import CheckpointError
 from model.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -30,34 +29,33 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def family_of(cfg: ModelConfig) -> ModuleType:
-    """The module implementing `cfg`'s architecture (init_params / init_state / forward)."""
-    if isinstance(cfg, GriffinConfig):
-        from model import griffin
-
-        return griffin
-    return transformer
-
-
 @functools.partial(jax.jit, static_argnames=("family", "cfg"))
-def _full_logits(params, tokens, family, cfg):
+def _full_logits(params: Params, tokens: jax.Array, family: Family, cfg: ModelConfig
+                 ) -> jax.Array:
+    """int32 tokens [B, T] -> float32 logits [B, T, V], one causal forward without a cache."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     logits, _ = family.forward(params, tokens, positions, None, cfg)
     return logits
 
 
 class Model:
-    """A loaded model: config, parameters, tokenizer, and the generation entry points."""
+    """A loaded model: config, parameters, tokenizer, and the generation entry points.
 
-    def __init__(self, name: str, config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
-                 prompt_format: str = "completion", info: dict[str, Any] | None = None):
+    `engine` holds this model's compiled generation programs: its `buckets` (shape buckets;
+    `buckets.max_batch` is the most decode slots) and its `compile_log` (count, seconds, records).
+    """
+
+    def __init__(self, name: str, config: ModelConfig, params: Params,
+                 tokenizer: Tokenizer | None, prompt_format: str = "completion",
+                 info: dict[str, Any] | None = None):
         self.name = name
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.info = info or {}
-        self.family = family_of(config)
+        self.family: Family = family_of(config)
+        self.engine = Engine(self.family, config, params)
 
     @property
     def dtype(self) -> Any:
@@ -90,24 +88,22 @@ class Model:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop: Sequence[str] | None = None, **engine_kw: Any
+                 seed: int = 0, stop: Sequence[str] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, **engine_kw: Any
                  ) -> list[Generation]:
         """Generates a continuation per prompt (strings or token id lists).
 
-        Runs the engine in `model.sampler` (bucketed, jitted, continuous batching); extra keyword
-        arguments go to `sampler.generate` (e.g. `max_batch`, per-row lists of sampling values).
-        Returns per prompt a `Generation` with `.tokens`, `.text`, `.finish_reason` ("stop" when
-        a stop token or stop string ended it, "length" at `max_new_tokens`), `.prompt_tokens`
-        and `.output_tokens`.
+        Runs this model's `engine` (bucketed, jitted, continuous batching; model.engine); extra
+        keyword arguments go to `model.engine.generate` (e.g. `max_batch`, per-row lists of
+        sampling values). `stop_token_ids`: ids that end a row (None: the tokenizer's stop ids,
+        else EOS; []: none). Returns per prompt a `Generation` with `.tokens`, `.text`,
+        `.finish_reason` ("stop" when a stop token or stop string ended it, "length" at
+        `max_new_tokens`), `.prompt_tokens` and `.output_tokens`.
         """
-        from model import sampler
-
-        ids = self.encode_prompts(prompts)
-        stop_ids = tuple(self.tokenizer.stop_ids) if self.tokenizer else (self.config.eos_id,)
-        return sampler.generate(
-            self.family, self.config, self.params, self.tokenizer, ids,
+        return generate(
+            self.engine, self.encode_prompts(prompts), self.tokenizer,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, stop_token_ids=stop_ids, stop_strings=stop, **engine_kw)
+            seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop, **engine_kw)
 
 
 def _resolve_dtype(dtype: Any) -> Any:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from model.api import family_of
+from model.family import family_of
 from model.config import PRESETS, PUBLISHED_SIZES, GemmaConfig, get_preset
 
 

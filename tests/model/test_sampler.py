@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import load_model, sampler, transformer
-from model.buckets import COMPILE_LOG, DEFAULT_BUCKETS, Buckets
+from model import load_model, transformer
+from model.engine import DEFAULT_BUCKETS, Buckets, Engine, generate, plan_programs
 from model.config import GemmaConfig
 
 # Few buckets keep the number of programs (and compile time) small; chunk 8/32 makes prompts
@@ -22,6 +22,7 @@ if importlib.util.find_spec("model.griffin") is not None:
     FAMILIES.append("tiny-recurrentgemma")
 
 _MODELS: dict = {}
+_ENGINES: dict = {}  # model -> its engine with the test buckets TB
 
 
 def tiny(name: str):
@@ -36,10 +37,10 @@ def prompts_of(lengths, seed=0, vocab=300):
 
 
 def gen(m, prompts, tokenizer=None, **kw):
-    kw.setdefault("buckets", TB)
+    if m not in _ENGINES:
+        _ENGINES[m] = Engine(m.family, m.config, m.params, buckets=TB)
     kw.setdefault("stop_token_ids", [])
-    return sampler.generate(m.family, m.config, m.params, tokenizer or m.tokenizer, prompts,
-                            **kw)
+    return generate(_ENGINES[m], prompts, tokenizer or m.tokenizer, **kw)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -164,7 +165,7 @@ def test_compiled_programs_stay_within_the_buckets():
     # 1,000 prompts of random lengths 5..2,000: the planner's bound on programs is small.
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 2001, size=1000).tolist()
-    plan = sampler.plan_programs(lengths, max_new_tokens=16, max_batch=16)
+    plan = plan_programs(lengths, max_new_tokens=16, max_batch=16)
     b = DEFAULT_BUCKETS
     groups = {b.length_bucket(n + 16) for n in lengths}
     assert len(groups) == 3
@@ -180,18 +181,18 @@ def test_compiled_programs_stay_within_the_buckets():
     small = Buckets(batch=(2, 8), length=(64, 128), chunk=(32,))
     lengths = rng.integers(5, 100, size=40).tolist()
     prompts = prompts_of(lengths, seed=4)
-    before = len(COMPILE_LOG.records)
-    kw = dict(max_new_tokens=3, max_batch=8, buckets=small, stop_token_ids=[])
-    out = sampler.generate(transformer, cfg, params, None, prompts, **kw)
-    new = COMPILE_LOG.records[before:]
-    plan = sampler.plan_programs(lengths, max_new_tokens=3, max_batch=8, buckets=small)
+    engine = Engine(transformer, cfg, params, buckets=small)
+    before = len(engine.compile_log.records)
+    kw = dict(max_new_tokens=3, max_batch=8, stop_token_ids=[])
+    out = generate(engine, prompts, None, **kw)
+    new = engine.compile_log.records[before:]
+    plan = plan_programs(lengths, max_new_tokens=3, max_batch=8, buckets=small)
     assert len(new) <= len(plan)
     shown = {f"B={p[1]} L={p[2]}" + (f" P={p[3]} T={p[4]}" if p[0] == "prefill" else " S=8")
              for p in plan}
     assert {r.shapes for r in new} <= shown
     assert all(g.output_tokens == 3 for g in out)
     order = rng.permutation(len(prompts))
-    again = sampler.generate(transformer, cfg, params, None, [prompts[i] for i in order],
-                             row_ids=order.tolist(), **kw)
-    assert len(COMPILE_LOG.records) == before + len(new)
+    again = generate(engine, [prompts[i] for i in order], None, row_ids=order.tolist(), **kw)
+    assert len(engine.compile_log.records) == before + len(new)
     assert [again[j].tokens for j in np.argsort(order)] == [g.tokens for g in out]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import sampling
+from model.engine import sampling
 
 
 def ref_probs(logits: np.ndarray, temperature: float, top_k: int = 0,
@@ -105,7 +105,7 @@ def test_argmax_is_the_first_index_of_the_max(v):
 def test_vocab_major_argmax_and_sampling_match_row_major(v):
     x = _argmax_cases(v)
     np.testing.assert_array_equal(
-        np.asarray(sampling.argmax_vocab_major(jnp.asarray(x.T))), np.argmax(x, axis=-1))
+        np.asarray(sampling.argmax(jnp.asarray(x.T), axis=0)), np.argmax(x, axis=-1))
     # Mixed greedy / sampled rows: [V, B] input gives exactly the [B, V] draws.
     keys = sampling.row_keys(jnp.arange(6, dtype=jnp.uint32), jnp.arange(6), jnp.zeros((6,)))
     temp = jnp.asarray([0.0, 1.0, 0.7, 1.0, 0.0, 1.3])

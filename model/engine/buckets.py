@@ -1,4 +1,4 @@
-"""Shape buckets, the compile log and the persistent compilation cache.
+"""Shape buckets, the per-engine compile log, and JAX's persistent compilation cache.
 
 The engine rounds every dynamic size up to a small fixed set of buckets so that a job with
 thousands of differently sized prompts compiles a handful of programs:
@@ -6,7 +6,7 @@ thousands of differently sized prompts compiles a handful of programs:
   * length: cache length L (prompt + max_new_tokens, rounded up);
   * chunk: tokens per prefill call T (prompts longer than the largest chunk are prefilled in
     chunks of that size, so peak activation memory is bounded).
-Every compile is logged (program, shapes, seconds) and counted in `COMPILE_LOG`.
+Every compile is logged (program, shapes, seconds) and counted in its engine's `CompileLog`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Hashable
-
-import jax
 
 from model.paths import cache_dir
 
@@ -62,6 +60,11 @@ class Buckets:
     def chunk_size(self) -> int:
         return self.chunk[-1]
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch bucket: decode slots per generate call at most."""
+        return self.batch[-1]
+
     def batch_bucket(self, n: int) -> int:
         return round_up(max(n, 1), self.batch, "batch size")
 
@@ -83,7 +86,7 @@ class CompileRecord:
 
 
 class CompileLog:
-    """Compiled programs, keyed by (program, static shapes); logs each compile."""
+    """One engine's compiled programs, keyed by (program, static shapes); logs each compile."""
 
     def __init__(self) -> None:
         self._programs: dict[Hashable, Any] = {}
@@ -119,8 +122,6 @@ class CompileLog:
             self.records.clear()
 
 
-COMPILE_LOG = CompileLog()
-
 _cache_dir: Path | None = None
 
 
@@ -137,6 +138,8 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     skipped: the cache only makes later runs start faster.
     """
     global _cache_dir
+    import jax  # here, so that the bucket config imports without JAX
+
     if _cache_dir is not None:
         return _cache_dir
     env = os.environ.get("GEMMA_BATCH_JAX_CACHE", "")

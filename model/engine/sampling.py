@@ -46,47 +46,34 @@ def row_keys(seed: Array, row_id: Array, step: Array) -> Array:
                          step.astype(jnp.uint32))
 
 
-def argmax(logits: Array, chunk: int = 512) -> Array:
-    """First index of the maximum along the last axis (as jnp.argmax), int32 [...].
+def argmax(logits: Array, axis: int = -1, chunk: int = 512) -> Array:
+    """First index of the maximum along `axis` (as jnp.argmax), int32 with `axis` removed.
 
     XLA's CPU argmax (a variadic (value, index) reduction) takes ~20 ms on [16, 262144]; this
     takes ~0.5 ms: max per chunk of `chunk` entries, pick the first chunk holding the overall
-    max, then argmax inside that chunk only. Small vocabularies use max + min-index.
+    max, then argmax inside that chunk only. Small vocabularies use max + min-index. With
+    `axis=0` it reads vocabulary-major logits [V, B] as they are, so the [V, B] product of a
+    small decode batch never needs transposing for greedy rows.
     """
-    *lead, v = logits.shape
+    a = axis % logits.ndim
+    v = logits.shape[a]
     if v < 8 * chunk:
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        iota = jax.lax.broadcasted_iota(jnp.float32, logits.shape, logits.ndim - 1)  # exact < 2**24
-        idx = jnp.min(jnp.where(logits == top, iota, float(v)), axis=-1).astype(jnp.int32)
+        top = jnp.max(logits, axis=a, keepdims=True)
+        iota = jax.lax.broadcasted_iota(jnp.float32, logits.shape, a)  # exact < 2**24
+        idx = jnp.min(jnp.where(logits == top, iota, float(v)), axis=a).astype(jnp.int32)
         return jnp.where(idx >= v, 0, idx)
     pad = (-v) % chunk
     x = logits
     if pad:
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
-    x_nc = x.reshape(*lead, (v + pad) // chunk, chunk)
-    best_chunk = jnp.argmax(jnp.max(x_nc, axis=-1), axis=-1)  # [...]
-    rows = jnp.take_along_axis(x_nc, best_chunk[..., None, None], axis=-2)[..., 0, :]
-    return (best_chunk * chunk + jnp.argmax(rows, axis=-1)).astype(jnp.int32)
-
-
-def argmax_vocab_major(logits_vb: Array, chunk: int = 512) -> Array:
-    """`argmax` of vocabulary-major logits [V, B] along V (first index of the maximum), int32 [B].
-
-    Same chunked scheme as `argmax`, reducing over the major axis, so the [V, B] product of a
-    small decode batch never needs transposing for greedy rows.
-    """
-    v, b = logits_vb.shape
-    if v < 8 * chunk:
-        top = jnp.max(logits_vb, axis=0, keepdims=True)
-        iota = jax.lax.broadcasted_iota(jnp.float32, logits_vb.shape, 0)  # exact < 2**24
-        idx = jnp.min(jnp.where(logits_vb == top, iota, float(v)), axis=0).astype(jnp.int32)
-        return jnp.where(idx >= v, 0, idx)
-    pad = (-v) % chunk
-    x = jnp.pad(logits_vb, [(0, pad), (0, 0)], constant_values=-jnp.inf) if pad else logits_vb
-    x_ncb = x.reshape((v + pad) // chunk, chunk, b)
-    best_chunk = jnp.argmax(jnp.max(x_ncb, axis=1), axis=0)  # [B]
-    rows = jnp.take_along_axis(x_ncb, best_chunk[None, None, :], axis=0)[0]  # [chunk, B]
-    return (best_chunk * chunk + jnp.argmax(rows, axis=0)).astype(jnp.int32)
+        widths = [(0, 0)] * logits.ndim
+        widths[a] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=-jnp.inf)
+    # [..., V, ...] -> [..., N, chunk, ...] (N = chunks, at `a`)
+    x_nc = x.reshape(x.shape[:a] + ((v + pad) // chunk, chunk) + x.shape[a + 1:])
+    best_chunk = jnp.argmax(jnp.max(x_nc, axis=a + 1), axis=a)  # `axis` removed
+    rows = jnp.take_along_axis(x_nc, jnp.expand_dims(best_chunk, (a, a + 1)), axis=a)
+    rows = jnp.squeeze(rows, axis=a)  # [..., chunk, ...]
+    return (best_chunk * chunk + jnp.argmax(rows, axis=a)).astype(jnp.int32)
 
 
 def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
@@ -133,7 +120,7 @@ def sample_rows(logits: Array, keys: Array, temperature: Array, top_k: Array,
       int32 [B] token ids; rows with temperature <= 0 get the argmax of `logits`.
     """
     logits = logits.astype(jnp.float32)
-    greedy_b = argmax_vocab_major(logits) if vocab_major else argmax(logits)
+    greedy_b = argmax(logits, axis=0 if vocab_major else -1)
     sampling_b = temperature > 0
     needs_filter_b = sampling_b & ((top_k > 0) | (top_p < 1.0))
 

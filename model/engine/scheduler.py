@@ -1,0 +1,329 @@
+"""The engine's host side: `generate` validates rows, groups them by cache length, keeps every
+decode slot busy from a queue of waiting rows, and finishes results into `Generation`s.
+
+Legend: B = decode slots, P = rows per prefill call, T = prefill chunk, L = cache length.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from model.engine import sampling
+from model.engine.buckets import DEFAULT_BUCKETS, Buckets, enable_compile_cache
+from model.engine.programs import (NO_SLOT, Engine, NewRows, RowSettings, Slots, State,
+                                   empty_slots, settings_arrays)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's result.
+
+    Attributes:
+      tokens: generated ids; a stop token that ended the row is not included, and with a stop
+        string the ids end with the one that completed it.
+      text: decoded `tokens`, cut before the first stop string.
+      finish_reason: "stop" (stop token or stop string) or "length" (max_new_tokens reached).
+      prompt_tokens / output_tokens: token counts (output_tokens == len(tokens)).
+    """
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclasses.dataclass
+class _Row:
+    index: int  # position in the caller's list
+    prompt: list[int]
+    settings: RowSettings  # Python scalars
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes: slots, prefill sizes and the programs they imply.
+
+
+def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch: int,
+                  buckets: Buckets = DEFAULT_BUCKETS, stop_strings: bool = False,
+                  refill_min: int | None = None) -> set[tuple]:
+    """Upper bound on the programs `generate` may compile for these prompts (no device work).
+
+    Returns a set of (kind, shape...) tuples: per cache-length group one decode program and one
+    prefill program per (P, T) pair it may use (plus `deactivate` with stop strings), where P is
+    the refill size or the slot count and T a chunk bucket.
+    """
+    groups = collections.Counter(
+        buckets.length_bucket(n + max_new_tokens) for n in prompt_lengths)
+    progs: set[tuple] = set()
+    for length, count in groups.items():
+        b = _slots_for(count, max_batch, buckets)
+        longest = max(n for n in prompt_lengths
+                      if buckets.length_bucket(n + max_new_tokens) == length)
+        progs.add(("decode", b, length))
+        if stop_strings:
+            progs.add(("deactivate", b, length))
+        top = buckets.chunk_bucket(longest - 1)
+        chunks = [c for c in buckets.chunk if c <= top]
+        for p in _prefill_sizes(b, _refill_min(b, refill_min), buckets):
+            for t in chunks:
+                progs.add(("prefill", b, length, p, t))
+    return progs
+
+
+def _refill_min(b: int, refill_min: int | None) -> int:
+    return max(1, b // 4) if refill_min is None else min(max(1, refill_min), b)
+
+
+def _prefill_sizes(b: int, refill_min: int, buckets: Buckets) -> tuple[int, int]:
+    """The two prefill batch sizes used with B slots: a refill bucket, and B (initial fill)."""
+    return min(buckets.batch_bucket(refill_min), b), b
+
+
+def _slots_for(n_rows: int, max_batch: int, buckets: Buckets) -> int:
+    """Decode slots: the batch bucket of n_rows, capped at the largest bucket <= max_batch."""
+    b = buckets.batch_bucket(min(n_rows, max_batch))
+    if b > max_batch:
+        b = max([x for x in buckets.batch if x <= max_batch], default=max_batch)
+    return b
+
+
+def _stop_table(stop_ids: Sequence[int]) -> np.ndarray:
+    """Stop ids padded with -1 to a multiple of 8 (so the table size rarely changes shape)."""
+    n = max(8, -(-len(stop_ids) // 8) * 8)
+    table = np.full((n,), -1, np.int32)
+    table[: len(stop_ids)] = list(stop_ids)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+def _first_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids)) if tokenizer is not None else ""
+
+
+def _finish(row: _Row, out: list[int], tokenizer: Any, stop_set: frozenset[int],
+            stop_strings: Sequence[str]) -> Generation:
+    """Builds a row's result from its raw generated ids."""
+    reason = "length"
+    if out and out[-1] in stop_set:
+        out = out[:-1]
+        reason = "stop"
+    text = _decode_text(tokenizer, out)
+    if stop_strings:
+        cut = _first_stop(text, stop_strings)
+        if cut >= 0:
+            # Keep ids up to the one that completed the first stop string.
+            n = len(out)
+            for i in range(1, len(out) + 1):
+                if _first_stop(_decode_text(tokenizer, out[:i]), stop_strings) >= 0:
+                    n = i
+                    break
+            out, text, reason = out[:n], text[:cut], "stop"
+    return Generation(tokens=[int(x) for x in out], text=text, finish_reason=reason,
+                      prompt_tokens=len(row.prompt), output_tokens=len(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: arguments -> rows, before any device work.
+
+
+def _per_row(value: Any, n: int, name: str) -> list[Any]:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts; pass one per "
+                             "prompt or a single value")
+        return list(value)
+    return [value] * n
+
+
+def _rows(prompts: list[list[int]], vocab: int, max_seq_len: int, max_news: list[int],
+          temps: list[Any], ks: list[Any], ps: list[Any], seeds: list[Any],
+          row_ids: Sequence[int]) -> list[_Row]:
+    """One checked `_Row` per prompt (settings already one per prompt); raises ValueError
+    naming the first bad prompt."""
+    rows: list[_Row] = []
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token "
+                             "(usually BOS)")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                             f"[0, {vocab}); check the tokenizer matches the model")
+        if max_news[i] < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_news[i]} for prompt {i}")
+        if len(p) + max_news[i] > max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_news[i]} it exceeds "
+                f"the model's {max_seq_len}-token context; shorten it or lower max_new_tokens")
+        t, k, pp = sampling.make_strategy(temps[i], ks[i], ps[i]).row_params()
+        rows.append(_Row(i, p, RowSettings(max_new=max_news[i], temperature=t, top_k=k,
+                                           top_p=pp, seed=int(seeds[i]) & 0xFFFFFFFF,
+                                           row_id=int(row_ids[i]))))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+
+def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = None, *,
+             max_new_tokens: int | Sequence[int] = 64,
+             temperature: float | Sequence[float] = 0.0,
+             top_k: int | None | Sequence[int | None] = None,
+             top_p: float | None | Sequence[float | None] = None,
+             seed: int | Sequence[int] = 0, row_ids: Sequence[int] | None = None,
+             stop_token_ids: Sequence[int] | None = None,
+             stop_strings: Sequence[str] | None = None, max_batch: int = 16,
+             refill_min: int | None = None, stop_check_every: int = 16) -> list[Generation]:
+    """Generates a continuation for every prompt (token ids, BOS included), in input order.
+
+    Args:
+      engine: the model's compiled programs and shape buckets (`Model.engine`).
+      prompts: token id lists, each non-empty.
+      tokenizer: decodes ids to text (None: no text).
+      max_new_tokens: tokens to generate at most, one value or one per prompt.
+      temperature / top_k / top_p: sampling settings, one value or one per prompt
+        (temperature 0 = greedy; see model.engine.sampling).
+      seed: base seed, one value or one per prompt; a row's draws depend only on
+        (seed, row id, step).
+      row_ids: per-prompt ids that key the random draws (default: the prompt's index).
+      stop_token_ids: ids that end a row (None: the tokenizer's `stop_ids`, else EOS; []: none).
+      stop_strings: strings that end a row; its text is cut before the first one.
+      max_batch: decode slots at most (continuous batching refills them).
+      refill_min: with prompts waiting, the decode loop returns to the host to refill once this
+        many slots are free (default: a quarter of the slots, at least 1).
+      stop_check_every: with stop strings, decode steps between text checks on the host.
+    Returns:
+      One `Generation` per prompt.
+    """
+    cfg, n = engine.cfg, len(prompts)
+    prompts = [[int(t) for t in p] for p in prompts]
+    max_news = [int(m) for m in _per_row(max_new_tokens, n, "max_new_tokens")]
+    temps = _per_row(temperature, n, "temperature")
+    ks = _per_row(top_k, n, "top_k")
+    ps = _per_row(top_p, n, "top_p")
+    seeds = _per_row(seed, n, "seed")
+    if row_ids is None:
+        row_ids = list(range(n))
+    elif len(row_ids) != n:
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {n} prompts")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    stop_strings = [s for s in (stop_strings or []) if s]
+    if stop_token_ids is None:
+        stop_token_ids = (tuple(tokenizer.stop_ids) if tokenizer is not None
+                          else (cfg.eos_id,))
+    for s in stop_token_ids:
+        if not 0 <= int(s) < cfg.vocab_size:
+            raise ValueError(f"stop token id {s} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
+    rows = _rows(prompts, cfg.vocab_size, cfg.max_seq_len, max_news, temps, ks, ps, seeds,
+                 row_ids)
+
+    results: list[Generation | None] = [None] * len(rows)
+    groups: dict[int, list[_Row]] = collections.defaultdict(list)
+    for r in rows:
+        if r.settings.max_new == 0:
+            results[r.index] = Generation([], "", "length", len(r.prompt), 0)
+        else:
+            groups[engine.buckets.length_bucket(len(r.prompt) + r.settings.max_new)].append(r)
+    if not groups:
+        return results  # type: ignore[return-value]
+
+    enable_compile_cache()
+    stop_table = _stop_table([int(s) for s in stop_token_ids])
+    stop_set = frozenset(int(s) for s in stop_token_ids)
+    for length in sorted(groups):
+        group = sorted(groups[length], key=lambda r: (-len(r.prompt), r.index))
+        _run_group(engine, length, group, max_batch, stop_table, stop_set, stop_strings,
+                   tokenizer, refill_min, stop_check_every, results)
+    return results  # type: ignore[return-value]
+
+
+def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
+               stop_table: np.ndarray, stop_set: frozenset[int], stop_strings: list[str],
+               tokenizer: Any, refill_min: int | None, stop_check_every: int,
+               results: list[Generation | None]) -> None:
+    """Runs one cache-length group through continuous batching."""
+    b = _slots_for(len(group), max_batch, engine.buckets)
+    state = engine.init_state(b, length)
+    slots = empty_slots(b, length)
+    waiting = collections.deque(group)
+    slot_row: list[_Row | None] = [None] * b
+    refill_min = _refill_min(b, refill_min)
+    prefill_sizes = _prefill_sizes(b, refill_min, engine.buckets)
+
+    while True:
+        free = [s for s in range(b) if slot_row[s] is None]
+        if waiting and free:
+            placed = [(s, waiting.popleft()) for s in free[: len(waiting)]]
+            for s, r in placed:
+                slot_row[s] = r
+            p = min(x for x in prefill_sizes if x >= len(placed))
+            state, slots = _prefill_rows(engine, state, slots, placed, p)
+        if all(r is None for r in slot_row):
+            return
+        min_free = min(len(waiting), refill_min) if waiting else b + 1
+        max_steps = stop_check_every if stop_strings else np.iinfo(np.int32).max
+        state, slots, _ = engine.decode(state, slots, stop_table, max_steps, min_free)
+        active, n_out, out = jax.device_get((slots.active, slots.n_out, slots.out))
+        kill = np.zeros((b,), bool)
+        for s, r in enumerate(slot_row):
+            if r is None:
+                continue
+            ids = out[s, : n_out[s]].tolist()
+            if active[s]:
+                if not stop_strings or _first_stop(_decode_text(tokenizer, ids),
+                                                   stop_strings) < 0:
+                    continue
+                kill[s] = True
+            results[r.index] = _finish(r, ids, tokenizer, stop_set, stop_strings)
+            slot_row[s] = None
+        if kill.any():
+            slots = engine.deactivate(slots, kill)
+
+
+def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[int, _Row]],
+                  p: int) -> tuple[State, Slots]:
+    """Prefills prompt[:-1] of the placed rows into their slots, P rows per call, in chunks."""
+    pad = p - len(placed)
+    new = NewRows(
+        slot=np.asarray([s for s, _ in placed] + [NO_SLOT] * pad, np.int32),
+        last_token=np.asarray([r.prompt[-1] for _, r in placed] + [0] * pad, np.int32),
+        pos=np.asarray([len(r.prompt) - 1 for _, r in placed] + [0] * pad, np.int32),
+        settings=settings_arrays([r.settings for _, r in placed], p))
+    n_ctx = max(len(r.prompt) - 1 for _, r in placed)  # tokens to prefill (all but the last)
+    chunk = engine.buckets.chunk_size
+    start = 0
+    while True:
+        t = engine.buckets.chunk_bucket(min(chunk, n_ctx - start))
+        tokens = np.zeros((p, t), np.int32)
+        positions = np.full((p, t), -1, np.int32)
+        for i, (_, r) in enumerate(placed):
+            ctx = r.prompt[:-1][start: start + t]
+            tokens[i, : len(ctx)] = ctx
+            positions[i, : len(ctx)] = np.arange(start, start + len(ctx))
+        # A call with no context tokens still places the rows (their first decode step, at
+        # position 0, resets the slot's state).
+        state, slots = engine.prefill(state, slots, tokens, positions, new)
+        start += t
+        if start >= n_ctx:
+            return state, slots

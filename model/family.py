@@ -1,0 +1,46 @@
+"""The `Family` protocol every architecture module implements (model.transformer, model.griffin),
+and `family_of(cfg)`, the one place that maps a config to its module."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from model.config import GriffinConfig, ModelConfig
+
+if TYPE_CHECKING:
+    import jax
+
+Params = Any  # the family's parameter tree (nested dicts / lists of arrays)
+State = Any  # the family's generation state: a pytree whose leaves each have one batch axis
+
+
+class Family(Protocol):
+    """Pure functions over explicit parameter and state trees (the engine needs nothing else).
+
+    Dimension letters: B batch, T chunk time, V vocabulary (see model/layers.py).
+    """
+
+    __name__: str
+
+    def init_params(self, cfg: Any, key: jax.Array, dtype: Any = ...) -> Params:
+        """Random parameters with the real tree and shapes."""
+
+    def init_state(self, cfg: Any, batch: int, max_len: int, dtype: Any = ...) -> State:
+        """An empty generation state for `batch` rows of up to `max_len` positions."""
+
+    def forward(self, params: Params, tokens: jax.Array, positions: jax.Array,
+                state: State | None, cfg: Any, vocab_major: bool = ...
+                ) -> tuple[jax.Array, State | None]:
+        """tokens / positions int32 [B, T] (-1 = padding; position 0 starts a new sequence)
+        -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1; new state)."""
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    """The module implementing `cfg`'s architecture (imported on first use)."""
+    if isinstance(cfg, GriffinConfig):
+        from model import griffin
+
+        return griffin
+    from model import transformer
+
+    return transformer
