@@ -152,11 +152,18 @@ def _rows(value: float | int, logits: Array, dtype) -> Array:
     return jnp.full((logits.shape[0],), value, dtype)
 
 
-def _sample_with(params: tuple[float, int, float], logits: Array, keys: Array) -> Array:
-    """One (temperature, top_k, top_p) setting for every row -> `sample_rows`."""
-    t, k, p = params
-    return sample_rows(logits, keys, _rows(t, logits, jnp.float32), _rows(k, logits, jnp.int32),
-                       _rows(p, logits, jnp.float32))
+class _Drawn:
+    """The `sample` of every drawing strategy: its one (temperature, top_k, top_p) setting for
+    every row, through `sample_rows`."""
+
+    def row_params(self) -> tuple[float, int, float]:
+        raise NotImplementedError
+
+    def sample(self, logits: Array, keys: Array) -> Array:
+        """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
+        t, k, p = self.row_params()
+        return sample_rows(logits, keys, _rows(t, logits, jnp.float32),
+                           _rows(k, logits, jnp.int32), _rows(p, logits, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +180,7 @@ class Greedy:
 
 
 @dataclasses.dataclass(frozen=True)
-class Temperature:
+class Temperature(_Drawn):
     """Draws from softmax(logits / temperature)."""
 
     temperature: float
@@ -183,16 +190,12 @@ class Temperature:
             raise ValueError(f"temperature must be > 0 to sample, got {self.temperature}; "
                              "use Greedy() (temperature 0) for argmax decoding")
 
-    def sample(self, logits: Array, keys: Array) -> Array:
-        """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        return _sample_with(self.row_params(), logits, keys)
-
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), 0, 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK:
+class TopK(_Drawn):
     """Draws among the k most likely tokens, after temperature scaling."""
 
     k: int
@@ -203,16 +206,12 @@ class TopK:
             raise ValueError(f"top_k must be >= 1, got {self.k}")
         Temperature(self.temperature)
 
-    def sample(self, logits: Array, keys: Array) -> Array:
-        """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        return _sample_with(self.row_params(), logits, keys)
-
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), int(self.k), 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class TopP:
+class TopP(_Drawn):
     """Nucleus sampling: draws among the smallest set of likely tokens holding mass >= p."""
 
     p: float
@@ -225,10 +224,6 @@ class TopP:
         if self.k < 0:
             raise ValueError(f"top_k must be >= 1 (or 0 for off), got {self.k}")
         Temperature(self.temperature)
-
-    def sample(self, logits: Array, keys: Array) -> Array:
-        """logits float [B, V], keys uint32 [B, 2] -> int32 [B]."""
-        return _sample_with(self.row_params(), logits, keys)
 
     def row_params(self) -> tuple[float, int, float]:
         return float(self.temperature), int(self.k), float(self.p)
