@@ -6,16 +6,16 @@ longer than the sliding window, saved as safetensors and loaded through `load_mo
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from model import CheckpointError, load_model  # noqa: E402
+from model import CheckpointError, load_model
 
 VOCAB, WINDOW, SEQ = 256, 16, 48
 
@@ -104,20 +104,32 @@ def test_greedy_matches_transformers_generate(hf_pair):
     assert len(ref) >= 16  # prompt 20 + output > window 16: the ring buffer wrapped
 
 
-def test_bfloat16_close_to_float32(hf_pair):
-    kind, _, d = hf_pair
-    toks = _tokens(seed=3)
-    f32 = load_model(d, dtype="float32").logits(toks)
+def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(hf_pair):
+    """Our bf16 logits against HF float32, bounded by HF's own bf16-vs-float32 error."""
+    kind, hf, d = hf_pair
+    # 64 rows x 96 tokens (6 windows): argmax flips are near-ties, so the agreement counts
+    # need thousands of positions to compare two bf16 implementations meaningfully.
+    toks = torch.from_numpy(_tokens(seed=3, batch=64, seq=96)).long()
+    with torch.no_grad():
+        ref = hf(toks).logits.float().numpy()
+        theirs = copy.deepcopy(hf).to(torch.bfloat16)(toks).logits.float().numpy()
     mb = load_model(d, dtype="bfloat16")
     assert str(mb.dtype) == "bfloat16"
-    b16 = mb.logits(toks)
-    assert b16.dtype == np.float32 and np.isfinite(b16).all()
-    # bfloat16 keeps 8 mantissa bits; through a few layers the error stays within a few % of
-    # the logit scale.
-    err = np.abs(b16 - f32).max() / np.abs(f32).max()
-    assert err < 0.08, f"{kind}: bf16 relative error {err:.3f}"
-    agree = (b16.argmax(-1) == f32.argmax(-1)).mean()
-    assert agree >= 0.85, f"{kind}: bf16 argmax agreement {agree:.2f}"
+    ours = mb.logits(toks.numpy())
+    assert ours.dtype == np.float32 and np.isfinite(ours).all()
+
+    def errors(x: np.ndarray) -> tuple[float, float, int]:  # max, RMS, argmax agreements
+        dx = x - ref
+        return (float(np.abs(dx).max()), float(np.sqrt((dx**2).mean())),
+                int((x.argmax(-1) == ref.argmax(-1)).sum()))
+
+    (o_max, o_rms, o_agree), (t_max, t_rms, t_agree) = errors(ours), errors(theirs)
+    print(f"\n{kind} bf16 vs HF float32: ours max {o_max:.3f} RMS {o_rms:.4f} argmax "
+          f"{o_agree}/{ref[..., 0].size}; HF bf16 max {t_max:.3f} RMS {t_rms:.4f} argmax "
+          f"{t_agree}")
+    assert t_rms > 1e-3  # HF's bf16 really differs from float32: the bound is not zero-width
+    assert o_max <= 1.5 * t_max and o_rms <= 1.5 * t_rms, f"{kind}: bf16 error above 1.5x HF's"
+    assert o_agree >= t_agree, f"{kind}: bf16 argmax agrees less often than HF's bf16"
 
 
 # ---- bad inputs -----------------------------------------------------------------------------
