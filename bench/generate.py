@@ -10,7 +10,7 @@ figure.
     python bench/generate.py              # more prompts and tokens
 
 What is measured:
-  * ours: `model.sampler.generate` at batch 1 (prompts one by one) and batch B (all prompts
+  * ours: `Model.generate` (model/engine/) at batch 1 (prompts one by one) and batch B (all prompts
     through B continuous-batching slots); tokens/s = generated tokens / wall time (prefill
     included). Compile seconds cold (empty persistent cache) and warm (filled cache), each in a
     fresh subprocess, and the number of programs.
