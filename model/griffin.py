@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import GriffinConfig
-from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
-                          write_slots)
+from model.layers import dot, gelu_tanh, rms_norm, rope, scatter_slots, unembed, write_slots
 from model.scan import linear_scan
 
 Array = jax.Array
