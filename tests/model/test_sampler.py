@@ -84,13 +84,21 @@ def test_bfloat16_batch_composition_never_changes_greedy():
     batched = gen(m, prompts, max_new_tokens=max_new, max_batch=4)
     for a, b, n in zip(alone, batched, max_new):
         assert len(a.tokens) == n and a.tokens == b.tokens
-    # ... and close to the float32 model's logits (same weights, rounded to bf16).
-    toks = np.asarray([prompts[0]])
-    lo16 = m.logits(toks)
-    m32 = load_model("tiny-gemma3", dtype="float32")
-    lo32 = m32.logits(toks)
-    scale = np.abs(lo32).max()
-    assert np.abs(lo16 - lo32).max() < 0.08 * scale
+    # ... and each decoded token is the argmax of one full bf16 forward over the row (cached
+    # bf16 decode == full recompute). How close bf16 is to float32 is bounded against HF's own
+    # bf16 error in test_gemma_parity.py. Near-ties (top-2 margin under 0.02, ~5 bf16 steps at
+    # this logit scale) may round either way on another CPU; the rest must agree exactly.
+    seqs = [p + g.tokens for p, g in zip(prompts, batched)]
+    width = max(map(len, seqs))
+    full = m.logits(np.asarray([s + [0] * (width - len(s)) for s in seqs]))  # [5, T, V]
+    confident = 0
+    for i, (p, g) in enumerate(zip(prompts, batched)):
+        lg = full[i, len(p) - 1:len(p) - 1 + len(g.tokens)]  # [n, V]: predicts each new token
+        top2 = np.sort(lg, axis=-1)[:, -2:]
+        sure = top2[:, 1] - top2[:, 0] > 0.02
+        np.testing.assert_array_equal(lg.argmax(-1)[sure], np.asarray(g.tokens)[sure])
+        confident += int(sure.sum())
+    assert confident >= 0.9 * sum(max_new), confident
 
 
 def test_seeded_sampling_is_reproducible_per_row():
@@ -121,8 +129,10 @@ def test_stop_tokens_and_stop_strings():
     assert out[0].tokens == ref[0].tokens[:first] and out[0].finish_reason == "stop"
     assert out[0].output_tokens == first
     assert out[0].text == m.tokenizer.decode(ref[0].tokens[:first])
-    if stop_id not in ref[1].tokens:
-        assert out[1].tokens == ref[1].tokens and out[1].finish_reason == "length"
+    # Rows that never emit the stop id run to their length untouched.
+    assert [stop_id in r.tokens for r in ref[1:]] == [False, False]
+    assert [o.tokens for o in out[1:]] == [r.tokens for r in ref[1:]]
+    assert [o.finish_reason for o in out[1:]] == ["length", "length"]
     # A stop string taken from row 1's text cuts the text before it. The tiny model emits ids
     # the byte tokenizer has no text for, so decode each id as "<id>" here.
     tok = IdText()
@@ -134,8 +144,10 @@ def test_stop_tokens_and_stop_strings():
               stop_check_every=4, tokenizer=tok)
     assert out[1].finish_reason == "stop" and out[1].text == ref[1].text[:cut]
     assert out[1].tokens == ref[1].tokens[:n_keep] and out[1].output_tokens == n_keep
-    if stop not in ref[0].text:
-        assert out[0].tokens == ref[0].tokens and out[0].finish_reason == "length"
+    # Rows whose text never holds the stop string are untouched.
+    assert [stop in r.text for r in (ref[0], ref[2])] == [False, False]
+    assert [out[0].tokens, out[2].tokens] == [ref[0].tokens, ref[2].tokens]
+    assert [out[0].finish_reason, out[2].finish_reason] == ["length", "length"]
 
 
 class IdText:
