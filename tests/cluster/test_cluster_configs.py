@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import jsonschema
 import pytest
 import ray
 import yaml
@@ -43,7 +44,8 @@ def test_launcher_yaml_validates(path):
 def test_validation_rejects_a_broken_launcher_yaml():
     cfg = yaml.safe_load((CLUSTER / "gcp-gpu.yaml").read_text())
     cfg["available_node_types"]["gpu_l4"]["min_wrkers"] = 1  # typo'd key
-    with pytest.raises(Exception):
+    msg = r"Additional properties are not allowed \('min_wrkers' was unexpected\)"
+    with pytest.raises(jsonschema.ValidationError, match=msg):
         _validate(cfg)
 
 
