@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model import load_model
 from model.checkpoints import gguf as gg
 from model.config import PRESETS
 from model.embedded import embedded_gguf_path
 from model.errors import CheckpointError
-
-torch = pytest.importorskip("torch")
 
 TINY = dict(d=64, heads=2, kv=1, dh=256, ffw=128, vocab=384, window=8)
 
