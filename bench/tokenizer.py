@@ -28,7 +28,7 @@ def main() -> None:
     import llama_cpp
     from test_tokenizer import corpus
 
-    from model.checkpoints.gguf import open_gguf
+    from model.checkpoints.gguf_format import open_gguf
     from model.embedded import embedded_gguf_path
     from model.sp_model import sp_model_proto_from_gguf
     from model.tokenizer import SentencePieceTokenizer

@@ -5,7 +5,10 @@ Two families share one public API (`model.load_model`):
   * `GriffinConfig` - RecurrentGemma (Griffin): RG-LRU recurrent blocks + local attention.
 
 Configs are frozen dataclasses, so they are hashable and can be passed to `jax.jit` as static
-arguments. Presets hold the published hyperparameters of each checkpoint family.
+arguments. Presets hold the published hyperparameters of each checkpoint family; DEFAULT_MODEL
+names the one whose weights ship with the package. Configs build themselves from a checkpoint
+(`GemmaConfig.from_hf` / `from_gguf_metadata`, `GriffinConfig.from_hf` / `from_flax_params`;
+the fields are read in model/checkpoints/configs.py). No JAX here.
 """
 
 from __future__ import annotations

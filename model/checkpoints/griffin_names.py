@@ -1,7 +1,7 @@
 """The one RecurrentGemma name table: our parameter -> (HF key, Flax/Orbax key, layouts).
 
-Both readers (hf_griffin.py, orbax_griffin.py) walk `layer_entries(kind)`; each entry names the
-stored tensor in either format, its stored shape and how it becomes ours. HF stores Linear
+Both readers (hf_griffin.py, orbax_griffin.py) use `stored_shapes` and `params_tree`; each entry
+names the stored tensor in either format, its stored shape and how it becomes ours. HF stores Linear
 weights [out, in] (we store [in, out]); the Flax tree stores kernels [in, out] and stacks the
 GeGLU gate and up projections as `ffw_up` [2, D, F]. JAX-free (numpy only).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -132,12 +132,43 @@ def layer_entries(kind: str) -> tuple[Entry, ...]:
     return COMMON + (RECURRENT if kind == "recurrent" else ATTENTION)
 
 
-def hf_key(i: int, e: Entry) -> str:
-    return f"model.layers.{i}.{e.hf}"
+Format = Literal["hf", "orbax"]
 
 
-def orbax_key(i: int, e: Entry) -> str:
-    return f"blocks.{i}/{e.orbax}"
+def _key(fmt: Format, i: int | None, e: Entry) -> str:
+    """The stored name of entry `e` of block `i` (None: a top-level entry) in format `fmt`."""
+    rel = e.hf if fmt == "hf" else e.orbax
+    if i is None:
+        return rel
+    return f"model.layers.{i}.{rel}" if fmt == "hf" else f"blocks.{i}/{rel}"
+
+
+def stored_shapes(cfg: GriffinConfig, fmt: Format) -> dict[str, tuple[int, ...]]:
+    """Stored name -> shape of every tensor a `fmt` checkpoint of `cfg` must hold."""
+    s = sizes(cfg)
+
+    def shape(e: Entry) -> tuple[int, ...]:
+        return e.hf_shape(s) if fmt == "hf" else e.orbax_shape(s)
+
+    out = {_key(fmt, None, e): shape(e) for e in TOP}
+    for i, kind in enumerate(cfg.block_types):
+        out.update({_key(fmt, i, e): shape(e) for e in layer_entries(kind)})
+    return out
+
+
+def params_tree(cfg: GriffinConfig, fmt: Format, read: Callable[[str], np.ndarray],
+                to_array: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+    """Our parameter tree (model/griffin.py): each tensor is `read(stored name)`, put in our
+    layout, then `to_array` (e.g. a jax array of the parameter dtype)."""
+    s = sizes(cfg)
+
+    def get(i: int | None, e: Entry) -> Any:
+        ours = e.from_hf if fmt == "hf" else e.from_orbax
+        return to_array(ours(read(_key(fmt, i, e)), s))
+
+    layers = [{e.ours: get(i, e) for e in layer_entries(kind)}
+              for i, kind in enumerate(cfg.block_types)]
+    return {**{e.ours: get(None, e) for e in TOP}, "layers": layers}
 
 
 def flax_get(tree: Mapping[str, Any], keys: str, path: Path) -> np.ndarray:

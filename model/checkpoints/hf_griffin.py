@@ -25,11 +25,7 @@ config_from_hf = GriffinConfig.from_hf  # the reader's name for the config const
 
 def _expected(cfg: GriffinConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, for every tensor the checkpoint must hold."""
-    s = names.sizes(cfg)
-    out = {e.hf: e.hf_shape(s) for e in names.TOP}
-    for i, kind in enumerate(cfg.block_types):
-        out.update({names.hf_key(i, e): e.hf_shape(s) for e in names.layer_entries(kind)})
-    return out
+    return names.stored_shapes(cfg, "hf")
 
 
 def check_config(directory: Path, cfg: GriffinConfig) -> None:
@@ -93,12 +89,5 @@ def load_params(directory: str | Path, cfg: GriffinConfig, dtype: Any = None) ->
                 f"{directory}: tensor {name} has shape {found}, expected {shape} for this "
                 "config (a width/window/head mismatch between config.json and the weights)")
 
-    s = names.sizes(cfg)
-
-    def get(key: str, e: names.Entry) -> Any:
-        return jnp.asarray(e.from_hf(np.asarray(tensors[key]), s), dtype=dtype)
-
-    top = {e.ours: get(e.hf, e) for e in names.TOP}
-    layers = [{e.ours: get(names.hf_key(i, e), e) for e in names.layer_entries(kind)}
-              for i, kind in enumerate(cfg.block_types)]
-    return {**top, "layers": layers}
+    return names.params_tree(cfg, "hf", lambda key: np.asarray(tensors[key]),
+                             lambda a: jnp.asarray(a, dtype=dtype))

@@ -49,11 +49,7 @@ def restore_tree(path: str | Path) -> dict[str, Any]:
 
 def _expected(cfg: GriffinConfig) -> dict[str, tuple[int, ...]]:
     """Flax parameter path -> shape for `cfg`."""
-    s = names.sizes(cfg)
-    out = {e.orbax: e.orbax_shape(s) for e in names.TOP}
-    for i, kind in enumerate(cfg.block_types):
-        out.update({names.orbax_key(i, e): e.orbax_shape(s) for e in names.layer_entries(kind)})
-    return out
+    return names.stored_shapes(cfg, "orbax")
 
 
 def params_from_tree(tree: Mapping[str, Any], cfg: GriffinConfig, dtype: Any = None,
@@ -70,15 +66,8 @@ def params_from_tree(tree: Mapping[str, Any], cfg: GriffinConfig, dtype: Any = N
             raise CheckpointError(
                 f"{path}: parameter {name} has shape {found}, expected {shape} "
                 f"(inconsistent widths/heads/conv width across blocks?)")
-    s = names.sizes(cfg)
-
-    def get(key: str, e: names.Entry) -> Any:
-        return jnp.asarray(e.from_orbax(names.flax_get(tree, key, path), s), dtype=dtype)
-
-    top = {e.ours: get(e.orbax, e) for e in names.TOP}
-    layers = [{e.ours: get(names.orbax_key(i, e), e) for e in names.layer_entries(kind)}
-              for i, kind in enumerate(cfg.block_types)]
-    return {**top, "layers": layers}
+    return names.params_tree(cfg, "orbax", lambda key: names.flax_get(tree, key, path),
+                             lambda a: jnp.asarray(a, dtype=dtype))
 
 
 def load(path: str | Path, dtype: Any = None,

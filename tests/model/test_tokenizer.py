@@ -132,7 +132,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def tok(gguf_path) -> SentencePieceTokenizer:
-    from model.checkpoints.gguf import open_gguf
+    from model.checkpoints.gguf_format import open_gguf
 
     md = open_gguf(gguf_path).metadata
     return SentencePieceTokenizer(sp_model_proto_from_gguf(md, gguf_path))

@@ -11,7 +11,7 @@ from pipeline.prompts import PromptBuilder, PromptSettings, default_stop
 @pytest.fixture(scope="module")
 def sp_tok():
     """The embedded Gemma 3 tokenizer (from the GGUF header only; no weights)."""
-    from model.checkpoints.gguf import open_gguf
+    from model.checkpoints.gguf_format import open_gguf
     from model.embedded import embedded_gguf_path
     from model.sp_model import sp_model_proto_from_gguf
     from model.tokenizer import SentencePieceTokenizer
