@@ -11,7 +11,11 @@ from typing import Any, Mapping
 
 from model.checkpoints.griffin_names import flax_get
 from model.config import (
-    PRESETS, GemmaConfig, GriffinConfig, gemma2_layer_types, gemma3_layer_types,
+    PRESETS,
+    GemmaConfig,
+    GriffinConfig,
+    gemma2_layer_types,
+    gemma3_layer_types,
 )
 from model.errors import CheckpointError
 
