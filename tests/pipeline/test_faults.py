@@ -1,19 +1,22 @@
-"""Fault injection: a generator actor killed mid-run, and the driver killed mid-run + --resume."""
+"""Fault injection: a generator actor killed mid-run, and the driver killed mid-run + --resume.
+
+Both kills are deterministic: right after the first committed part (run_job's on_commit) and
+right after the third (the driver's after-N-parts hook), never a timer racing the job."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from jobs.spec import build_spec
+from pipeline.spec import build_spec
+from pipeline.errors import InputError
 from pipeline.run import run_job
 
 from pl_helpers import tiny_spec, write_corpus
@@ -45,32 +48,27 @@ def test_actor_killed_mid_run(ray_cluster, tmp_path):
     out = tmp_path / "out"
     before = set(_predictor_actors())
     killed: dict = {}
+    commits: list[int] = []  # rows of each committed part, in commit order
 
-    def killer() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            alive = {k: a for k, a in _predictor_actors().items()
-                     if k not in before and a["State"] == "ALIVE"}
-            done = _committed(out) if (out / "_parts").exists() else []
-            if alive and done:
-                aid = next(iter(alive))
-                handle = ray._private.worker.global_worker.core_worker.get_actor_handle(
-                    ray.ActorID.from_hex(aid))
-                killed.update(id=aid, rows_done=len(done))
-                ray.kill(handle, no_restart=False)
-                return
-            time.sleep(0.05)
+    def kill_after_first_commit(table: pa.Table) -> None:
+        commits.append(table.num_rows)
+        if killed:
+            return
+        alive = [k for k, a in _predictor_actors().items()
+                 if k not in before and a["State"] == "ALIVE"]
+        handle = ray._private.worker.global_worker.core_worker.get_actor_handle(
+            ray.ActorID.from_hex(alive[0]))
+        killed.update(id=alive[0], alive=len(alive), at_commit=len(commits),
+                      rows_done=sum(commits))
+        ray.kill(handle, no_restart=False)
 
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    # 20 batches of 2 rows x 32 tokens: long enough to land the kill between commits.
+    # 20 parts of 2 rows x 32 tokens; the actor dies right after the first is committed.
     spec = tiny_spec(str(tmp_path / "in"), str(out), id_column="id", batch_size=2,
                      sampling={"max_new_tokens": 32})
-    summary = run_job(build_spec(spec), progress=False)
-    th.join(timeout=5)
+    summary = run_job(build_spec(spec), progress=False, on_commit=kill_after_first_commit)
 
-    assert killed, "the killer never found a live generator actor with committed rows"
-    assert killed["rows_done"] < len(ids), killed  # it died mid-run
+    assert killed["at_commit"] == 1 and killed["rows_done"] == 2, killed
+    assert len(commits) > 1 and sum(commits) == len(ids)  # the job went on after the kill
     assert _predictor_actors()[killed["id"]]["NumRestarts"] >= 1  # restarted, batch retried
     got = pq.read_table(out).column("id").to_pylist()
     assert Counter(got) == Counter(ids)  # nothing lost, nothing duplicated
@@ -94,8 +92,13 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
     before = {r["id"]: r["output"] for p in (out / "_parts").glob("*.parquet")
               for r in pq.read_table(p).to_pylist()}
 
-    # Without --resume the unfinished output is refused; with it only the rest is generated.
+    # Without --resume the unfinished output is refused (and left as it was) ...
     spec = tiny_spec(str(tmp_path / "in"), str(out), id_column="id", batch_size=2)
+    with pytest.raises(InputError, match=r"holds an unfinished run; pass --resume to continue "
+                                         r"it or --overwrite to start over"):
+        run_job(build_spec(spec), progress=False)
+    assert sorted(_committed(out)) == sorted(committed)
+    # ... with it only the rest is generated.
     summary = run_job(build_spec({**spec, "resume": True}), progress=False)
     assert summary["rows_resumed"] == len(committed)
     assert summary["rows_generated_this_run"] == len(ids) - len(committed)

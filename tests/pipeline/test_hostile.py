@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.spec import build_spec
+from pipeline.spec import build_spec
 from pipeline.run import run_job
 
 from pl_helpers import write_shard
@@ -55,8 +55,10 @@ def test_hostile_corpus(ray_cluster, tmp_path):
             assert row["finish_reason"] in ("stop", "length"), (key, row["error"])
             assert row["error"] is None and row["output"] is not None, key
             assert 0 < row["output_tokens"] <= 4
-    assert "4096" in rows["huge"]["error"] or "limit" in rows["huge"]["error"]
-    assert "long_document" in rows["huge"]["error"]  # says what to do
+    # The message the user sees: how long, the limit (4096 context - 4 new tokens), what to do.
+    assert rows["huge"]["error"] == (
+        "prompt is 50573 tokens, over the limit of 4092; shorten the text, raise "
+        "max_prompt_tokens, or set long_document: truncate")
     # The extra column is carried through: values where it existed, null elsewhere.
     assert rows["emoji"]["note"] == "extra-emoji" and rows["null"]["note"] is None
     assert summary["errors_by_kind"] == {"empty": 3, "too_long": 1}
