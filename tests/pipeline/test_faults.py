@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.spec import build_spec
 from pipeline.errors import InputError
 from pipeline.run import run_job
+from pipeline.spec import build_spec
 
 from pl_helpers import tiny_spec, write_corpus
 
