@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -76,43 +75,13 @@ def _open_parquet(fs, path: str, url: str):
 
 
 def check_model_source(source: str) -> None:
-    """Refuses a model that is neither a preset nor an existing local path."""
-    from model.config import PRESETS
+    """Refuses a model source that cannot load (no weights are read: see model.checkpoints)."""
+    from model.checkpoints import CheckpointError, check
 
-    if source in PRESETS:
-        from model.api import DEFAULT_MODEL
-
-        if source.startswith("tiny-") or source == DEFAULT_MODEL:
-            return
-        raise InputError(
-            f"model preset {source!r} ships no weights here; pass its checkpoint directory "
-            "(Hugging Face safetensors) or a .gguf file as the model"
-        )
-    if "://" in source:
-        raise InputError(
-            f"model {source!r}: remote model URLs are not supported; copy it locally or use "
-            "a preset"
-        )
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise InputError(
-            f"model {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
-            "existing path; check --model"
-        )
-    if path.is_file() and path.suffix == ".gguf":
-        from model.checkpoints.gguf import open_gguf
-        from model.errors import CheckpointError
-
-        try:
-            open_gguf(path)  # header and tensor table only: catches corrupt or truncated files
-        except CheckpointError as e:
-            raise InputError(str(e).splitlines()[0]) from None
-    elif path.is_dir() and not any((path / n).exists() for n in (
-            "config.json", "_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")):
-        raise InputError(
-            f"model {source!r}: directory has no config.json (Hugging Face) or Orbax checkpoint "
-            "files; point --model at a checkpoint directory or a .gguf file"
-        )
+    try:
+        check(source)
+    except CheckpointError as e:
+        raise InputError(str(e).splitlines()[0]) from None
 
 
 def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
