@@ -1,0 +1,77 @@
+"""What every benchmark shares: the machine it ran on (CPU model, SIMD flags) and interleaved,
+repeated timing with medians, so that two sides are measured under the same load.
+
+A ratio is only meaningful next to the CPU it was measured on (an AVX-512-BF16 machine and an
+AVX2 one rank float32/bfloat16 and us/llama.cpp differently), and a shared VM's speed drifts
+from minute to minute: time the sides in alternation (A B B A A B ...), repeat, and compare
+medians, reporting the range.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+# The SIMD features that decide which kernels XLA, torch and llama.cpp can use.
+SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+        "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+        "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count and SIMD flags of this machine (from /proc/cpuinfo)."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "hardware") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return {"cpu": model, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "simd": [f for f in SIMD if f in flags]}
+
+
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    """One line for a benchmark's output: 'CPU: <model>, <n> cores, SIMD: avx2 fma ...'."""
+    m = m or machine()
+    return f"CPU: {m['cpu']}, {m['cpu_count']} cores, SIMD: {' '.join(m['simd']) or 'none'}"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(sides: dict[str, Callable[[], Any]], repeats: int
+                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Times every side `repeats` times, alternating their order each round (A B, B A, ...).
+
+    Returns (seconds per side, one list of `repeats` walls; each side's first result).
+    """
+    names = list(sides)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    first: dict[str, Any] = {}
+    for r in range(max(1, repeats)):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            dt, out = timed(sides[n])
+            secs[n].append(dt)
+            first.setdefault(n, out)
+    return secs, first
+
+
+def spread(secs: list[float], work: float = 1.0) -> dict[str, Any]:
+    """Median and range of `work / seconds` over repeats (e.g. tokens/s), plus the walls."""
+    rates = sorted(work / s for s in secs)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
+            "walls_s": [round(s, 4) for s in secs]}
