@@ -2,15 +2,18 @@
 
 A tiny-but-not-trivial RecurrentGemma (d_model 256, 6 blocks, 2048-token attention window, as
 the real models) and a Gemma of the same width (6 global-attention layers, MQA, as gemma-2b).
-For each context length: a chunked prefill fills the state with that many tokens, then one
-jitted decode step (batch B, one token per row) is warmed up and timed over N steps with
-block_until_ready. Gemma's cache is sized context + N, as a generator would size it.
+For each (model, context) point: a chunked prefill fills the state with that many tokens and
+one jitted decode step (batch B, one token per row) is compiled and warmed up. Then every point
+is timed over a window of N steps (block_until_ready), the points in alternating order, for
+`--repeats` rounds; each window restarts at the context's position, so every window does the
+same work, and the median rate (with its range) is reported. Gemma's cache is sized
+context + N + slack, as a generator would size it.
 
-    python bench/griffin_speed.py          # ~2 min on 2 CPU cores
+    python bench/griffin_speed.py          # ~3 min on 2 CPU cores
     python bench/griffin_speed.py --steps 64 --batch 16 --contexts 1024 8192 16384
 
-Prints a table, the 8K/1K ratios, and as its last line one JSON object. Target: RecurrentGemma's
-8K rate >= 0.9x its 1K rate.
+Prints the CPU, a table, the 8K/1K ratios (of medians), and as its last line one JSON object.
+Target: RecurrentGemma's 8K rate >= 0.9x its 1K rate.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from harness import machine, machine_line  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -45,53 +51,73 @@ def configs(window: int) -> dict[str, GemmaConfig | GriffinConfig]:
     return {"recurrentgemma": rg, "gemma(same width)": gm}
 
 
-def decode_rate(cfg, context: int, batch: int, steps: int) -> dict:
-    """Tokens/s of the decode step after `context` tokens of prefill."""
-    fam = griffin if isinstance(cfg, GriffinConfig) else transformer
-    params = fam.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
-    state = fam.init_state(cfg, batch, context + steps + 8, jnp.float32)
-    fwd = jax.jit(lambda p, t, pos, s: fam.forward(p, t, pos, s, cfg), donate_argnums=3)
-    rng = np.random.RandomState(0)
-    chunk = jnp.asarray(rng.randint(3, 256, (batch, CHUNK)), jnp.int32)
-    for start in range(0, context, CHUNK):
-        pos = jnp.broadcast_to(jnp.arange(start, start + CHUNK, dtype=jnp.int32), (batch, CHUNK))
-        logits, state = fwd(params, chunk, pos, state)
+class Point:
+    """One (model, context) point: params, a state filled with `context` tokens, a decode step."""
 
-    @functools.partial(jax.jit, donate_argnums=3)  # the state is updated in place
-    def step(p, tok, pos, s):
-        lg, s = fam.forward(p, tok, pos, s, cfg)
-        return jnp.argmax(lg[:, -1], axis=-1).astype(jnp.int32)[:, None], pos + 1, s
+    def __init__(self, cfg, context: int, batch: int, steps: int):
+        self.context, self.batch, self.steps = context, batch, steps
+        fam = griffin if isinstance(cfg, GriffinConfig) else transformer
+        self.params = fam.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+        self.state = fam.init_state(cfg, batch, context + steps + 8, jnp.float32)
+        fwd = jax.jit(lambda p, t, pos, s: fam.forward(p, t, pos, s, cfg), donate_argnums=3)
+        rng = np.random.RandomState(0)
+        chunk = jnp.asarray(rng.randint(3, 256, (batch, CHUNK)), jnp.int32)
+        for start in range(0, context, CHUNK):
+            pos = jnp.broadcast_to(jnp.arange(start, start + CHUNK, dtype=jnp.int32),
+                                   (batch, CHUNK))
+            logits, self.state = fwd(self.params, chunk, pos, self.state)
 
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-    pos = jnp.full((batch, 1), context, jnp.int32)
-    for _ in range(3):  # compile + warm up
-        tok, pos, state = step(params, tok, pos, state)
-    jax.block_until_ready(tok)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok, pos, state = step(params, tok, pos, state)
-    jax.block_until_ready((tok, state))
-    dt = time.perf_counter() - t0
-    return {"context": context, "tokens_per_s": batch * steps / dt, "ms_per_step": 1e3 * dt / steps}
+        @functools.partial(jax.jit, donate_argnums=3)  # the state is updated in place
+        def step(p, tok, pos, s):
+            lg, s = fam.forward(p, tok, pos, s, cfg)
+            return jnp.argmax(lg[:, -1], axis=-1).astype(jnp.int32)[:, None], pos + 1, s
+
+        self.step = step
+        self.tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        self.window()  # compile + warm up
+
+    def window(self) -> float:
+        """Seconds of `steps` decode steps from position `context` (the same work each time)."""
+        tok, state = self.tok, self.state
+        pos = jnp.full((self.batch, 1), self.context, jnp.int32)
+        jax.block_until_ready((tok, pos))
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            tok, pos, state = self.step(self.params, tok, pos, state)
+        jax.block_until_ready((tok, state))
+        dt = time.perf_counter() - t0
+        self.tok, self.state = tok, state
+        return dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per timed window")
+    ap.add_argument("--repeats", type=int, default=5, help="timed windows per point (median)")
     ap.add_argument("--window", type=int, default=2048)
     args = ap.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}; batch {args.batch}; {args.steps} timed steps")
-    print(f"{'model':<20}{'context':>9}{'tok/s':>10}{'ms/step':>10}")
+    mach = machine()
+    print(f"{machine_line(mach)}; device {jax.devices()[0].device_kind}; batch {args.batch}; "
+          f"{args.repeats} x {args.steps} timed steps per point, interleaved", flush=True)
+    points = {(name, n): Point(cfg, n, args.batch, args.steps)
+              for name, cfg in configs(args.window).items() for n in args.contexts}
+    secs: dict[tuple[str, int], list[float]] = {k: [] for k in points}
+    order = list(points)
+    for r in range(args.repeats):  # every point once per round, the order alternating
+        for k in (order if r % 2 == 0 else order[::-1]):
+            secs[k].append(points[k].window())
+    print(f"{'model':<20}{'context':>9}{'tok/s':>10}{'range':>18}{'ms/step':>10}")
     res: dict[str, list[dict]] = {}
-    for name, cfg in configs(args.window).items():
-        res[name] = []
-        for n in args.contexts:
-            r = decode_rate(cfg, n, args.batch, args.steps)
-            res[name].append(r)
-            print(f"{name:<20}{n:>9}{r['tokens_per_s']:>10.1f}{r['ms_per_step']:>10.2f}",
-                  flush=True)
+    for (name, n), ss in secs.items():
+        rates = sorted(args.batch * args.steps / s for s in ss)
+        med = statistics.median(rates)
+        res.setdefault(name, []).append({
+            "context": n, "tokens_per_s": med, "tokens_per_s_range": [rates[0], rates[-1]],
+            "ms_per_step": 1e3 * statistics.median(ss) / args.steps})
+        print(f"{name:<20}{n:>9}{med:>10.1f}{f'{rates[0]:.1f}-{rates[-1]:.1f}':>18}"
+              f"{1e3 * statistics.median(ss) / args.steps:>10.2f}")
     lo, hi = min(args.contexts), max(args.contexts)
 
     def ratio(name: str) -> float:
@@ -99,9 +125,10 @@ def main() -> None:
         return by[hi] / by[lo]
 
     rg, gm = ratio("recurrentgemma"), ratio("gemma(same width)")
-    print(f"rate at {hi} / rate at {lo}: recurrentgemma {rg:.2f}x (target >= 0.9x: "
-          f"{'met' if rg >= 0.9 else 'MISSED'}), gemma {gm:.2f}x")
-    print(json.dumps({"device": jax.devices()[0].device_kind, "batch": args.batch,
+    print(f"median rate at {hi} / at {lo}: recurrentgemma {rg:.2f}x (target >= 0.9x: "
+          f"{'met' if rg >= 0.9 else 'MISSED'}), gemma {gm:.2f}x; {machine_line(mach)}")
+    print(json.dumps({"bench": "griffin_speed", **mach, "device": jax.devices()[0].device_kind,
+                      "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
                       "rg_rate_ratio": rg, "gemma_rate_ratio": gm, "target_met": rg >= 0.9,
                       "results": res}))
 
