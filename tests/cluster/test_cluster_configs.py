@@ -23,8 +23,9 @@ def _validate(cfg: dict) -> None:
 
 def test_definitions_exist():
     names = {p.name for p in LAUNCHER + KUBERAY}
-    assert {"gcp-tpu.yaml", "gcp-gpu.yaml", "aws-gpu.yaml", "kuberay-gpu.yaml",
-            "kuberay-tpu.yaml"} <= names
+    assert {"gcp-tpu.yaml", "gcp-tpu-v6e.yaml", "gcp-gpu.yaml", "aws-gpu.yaml",
+            "kuberay-gpu.yaml", "kuberay-tpu.yaml", "kuberay-job-tpu.yaml",
+            "kuberay-job-gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -51,9 +52,13 @@ def test_validation_rejects_a_broken_launcher_yaml():
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_manifest(path):
-    doc = yaml.safe_load(path.read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
-    spec = doc["spec"]
+    # A RayJob file also holds its ConfigMap; its spec.rayClusterSpec obeys the same rules.
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d["apiVersion"] == "ray.io/v1"]
+    assert len(docs) == 1
+    doc = docs[0]
+    kind = "RayJob" if path.name.startswith("kuberay-job-") else "RayCluster"
+    assert doc["kind"] == kind
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__
     groups = spec["workerGroupSpecs"]
     assert groups
