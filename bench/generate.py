@@ -2,31 +2,39 @@
 
 Same weights (the embedded Gemma 3 270M GGUF, dequantized to float32 for us and HF; llama.cpp
 runs the GGUF itself), same prompts (our token ids), greedy, every row generating exactly
-`--max-new` tokens (stop tokens off), one run; every throughput is the best of `--repeats` timed
-runs (3) for every engine alike. Prints a table and, as its last line, one JSON object with every
-figure.
+`--max-new` tokens (stop tokens off), the same number of rows decoding together on both sides of
+every ratio. Every engine is loaded and warmed up once, then all of them are timed in
+alternating rounds (A B C ..., ... C B A, `--repeats` rounds), each timed call covering prefill
+through the last token; figures are medians with their range. Prints the CPU model and SIMD
+flags, a table and, as its last line, one JSON object with every figure.
 
     python bench/generate.py --quick      # < 15 min on 2 CPU cores
     python bench/generate.py              # more prompts and tokens
 
-What is measured:
-  * ours: `Model.generate` (model/engine/) at batch 1 (prompts one by one) and batch B (all prompts
-    through B continuous-batching slots); tokens/s = generated tokens / wall time (prefill
-    included). Compile seconds cold (empty persistent cache) and warm (filled cache), each in a
-    fresh subprocess, and the number of programs.
-    The same weights cast to bfloat16 at batch B (`ours_bf16_tok_s`, `vs_hf_bf16`).
-  * HF: `generate` (CPU torch, sdpa attention, float32 and bfloat16) at batch 1 and batch B.
-  * llama.cpp (llama-cpp-python, all cores): the prompts one after another, flash attention off
-    and on; aggregate tokens/s.
+What is measured (B = --batch slots; the single-stream rows run --single prompts one by one):
+  * ours: `Model.generate(..., stop_token_ids=[], max_batch=b)` at batch B (all prompts through
+    B continuous-batching slots) and batch 1; float32, and the same weights cast to bfloat16 at
+    batch B. Compile seconds cold (empty persistent cache) and warm (filled cache), each in a
+    fresh subprocess, from the model's `engine.compile_log`, and the number of programs.
+  * HF: `generate` (CPU torch, sdpa attention) float32 at batch B and 1, bfloat16 at batch B, on
+    the same prompts and tokens as ours (`vs_hf`, `vs_hf_b1`, `vs_hf_bf16`).
+  * llama.cpp (llama-cpp-python's low-level API, --llama-threads, default all cores): batched,
+    one llama_batch with n_seq_max = B parallel sequences, one per prompt, decoding together
+    (`vs_llamacpp_batched`, ours at batch B over it; `vs_llamacpp` is this one), and single
+    stream, one sequence at a time (`vs_llamacpp_single`, ours at batch 1 over it); flash
+    attention off and on, the faster of the two counts.
   * roofline: this machine's matmul FLOP/s (a large jnp.dot) and memory bandwidth (a large
     reduction, a copy and a matrix-vector product), against our decode step (bytes and FLOPs per
     step from the config): the bandwidth fraction at batch 1 (memory-bound) and the FLOP fraction
     at a large batch (`--large-batch`, compute-bound); `roofline_fraction` is the smaller of the
     two. The peaks are measured next to each decode-step measurement and their median is used
-    (they drift with the load of the VM's neighbours). Batch B is reported too (for a 270M model
-    at batch 16 neither bound dominates).
+    (they drift with the load of the VM's neighbours). Batch B is reported too.
   * profile: one decode step split into forward, output projection and the rest (loop,
     sampling, bookkeeping).
+
+The model must load: without `--random-weights` a failed load exits non-zero with one line
+(random weights are benchmarked only when asked for, and then without llama.cpp, which runs
+the real GGUF).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from harness import interleaved, machine, machine_line, spread, timed
 
 TEXTS = [
     "The history of the printing press begins",
@@ -69,41 +79,29 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def best_of(n: int, fn, *args, **kw) -> tuple[float, object]:
-    """(fastest wall seconds of `n` calls, the first call's result)."""
-    results = [timed(fn, *args, **kw) for _ in range(max(1, n))]
-    return min(t for t, _ in results), results[0][1]
-
-
-def timed(fn, *args, **kw) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return time.perf_counter() - t0, out
-
-
 # ----------------------------------------------------------------------------------- ours
 
 
 def load_ours(random_weights: bool):
-    """The embedded Gemma 3 270M (or, with --random, its config with random weights)."""
+    """The embedded Gemma 3 270M (float32); with --random-weights its config, random weights."""
     import jax
     import jax.numpy as jnp
 
-    from model import load_model
-    from model.api import Model
+    from model import Model, load_model, transformer
     from model.config import get_preset
     from model.tokenizer import ByteTokenizer
 
     if not random_weights:
         try:
-            return load_model("gemma3-270m", dtype="float32"), True
-        except Exception as e:  # noqa: BLE001 - fall back to a fixed random model
-            log(f"load_model('gemma3-270m') failed ({e}); using random weights")
-    from model import transformer
-
+            return load_model("gemma3-270m", dtype="float32")
+        except Exception as e:  # noqa: BLE001 - any failure: one line, a non-zero exit
+            msg = " ".join(str(e).split())
+            raise SystemExit(f"bench/generate.py: cannot load gemma3-270m ({type(e).__name__}: "
+                             f"{msg}); fix the install, or pass --random-weights to benchmark "
+                             "random weights") from None
     cfg = get_preset("gemma3-270m")
     params = transformer.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
-    return Model("gemma3-270m-random", cfg, params, ByteTokenizer(cfg.vocab_size)), False
+    return Model("gemma3-270m-random", cfg, params, ByteTokenizer(cfg.vocab_size))
 
 
 def our_prompts(model, n: int) -> list[list[int]]:
@@ -233,127 +231,20 @@ def profile_step(model, batch: int, length: int, reps: int = 5) -> dict:
     for name, fn in (("forward", step), ("out_proj", lambda: head(params)),
                      ("sample", lambda: samp(logits))):
         fn().block_until_ready()
-        out[name] = min(timed(lambda: fn().block_until_ready())[0] for _ in range(reps))
+        out[name] = statistics.median(timed(lambda fn=fn: fn().block_until_ready())[0]
+                                      for _ in range(reps))
     return out
 
 
 def decode_step_seconds(model, prompts, batch: int, short: int, long: int, reps: int) -> float:
-    """Decode seconds per step: (time of `long` tokens - time of `short`) / (long - short)."""
+    """Decode seconds per step: (time of `long` tokens - time of `short`) / (long - short),
+    the two lengths timed alternately, medians of `reps`."""
     run_ours(model, prompts, short, batch)
-    t_s = min(timed(run_ours, model, prompts, short, batch)[0] for _ in range(reps))
-    t_l = min(timed(run_ours, model, prompts, long, batch)[0] for _ in range(reps))
+    run_ours(model, prompts, long, batch)
+    secs, _ = interleaved({"short": lambda: run_ours(model, prompts, short, batch),
+                           "long": lambda: run_ours(model, prompts, long, batch)}, reps)
+    t_s, t_l = statistics.median(secs["short"]), statistics.median(secs["long"])
     return max(t_l - t_s, 1e-9) / (long - short)
-
-
-# ----------------------------------------------------------------------------------- HF
-
-
-def build_hf(model, tmp: Path):
-    """The same weights as a transformers Gemma3ForCausalLM (saved, then from_pretrained)."""
-    import numpy as np
-    import torch
-    import transformers
-    from safetensors.torch import save_file
-
-    cfg, p = model.config, model.params
-    h, k, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    types = ["full_attention" if t == "global" else "sliding_attention" for t in cfg.layer_types]
-    hf_cfg = transformers.Gemma3TextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=d, intermediate_size=cfg.ffw_dim,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=h, num_key_value_heads=k,
-        head_dim=dh, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.rms_eps,
-        sliding_window=cfg.sliding_window,
-        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
-        layer_types=types, hidden_activation="gelu_pytorch_tanh", bos_token_id=cfg.bos_id,
-        eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, tie_word_embeddings=True,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_local},
-            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_global}},
-        architectures=["Gemma3ForCausalLM"])
-
-    def t(x) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32)))
-
-    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"])}
-    for i, L in enumerate(p["layers"]):
-        a, m, n = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", f"model.layers.{i}."
-        sd[a + "q_proj.weight"] = t(np.asarray(L["q"]).transpose(1, 2, 0).reshape(h * dh, d))
-        sd[a + "k_proj.weight"] = t(np.asarray(L["k"]).transpose(1, 2, 0).reshape(k * dh, d))
-        sd[a + "v_proj.weight"] = t(np.asarray(L["v"]).transpose(1, 2, 0).reshape(k * dh, d))
-        sd[a + "o_proj.weight"] = t(np.asarray(L["o"]).transpose(2, 0, 1).reshape(d, h * dh))
-        sd[a + "q_norm.weight"], sd[a + "k_norm.weight"] = t(L["q_norm"]), t(L["k_norm"])
-        sd[m + "gate_proj.weight"] = t(np.asarray(L["gate"]).T)
-        sd[m + "up_proj.weight"] = t(np.asarray(L["up"]).T)
-        sd[m + "down_proj.weight"] = t(np.asarray(L["down"]).T)
-        sd[n + "input_layernorm.weight"] = t(L["attn_norm"])
-        sd[n + "post_attention_layernorm.weight"] = t(L["post_attn_norm"])
-        sd[n + "pre_feedforward_layernorm.weight"] = t(L["ffw_norm"])
-        sd[n + "post_feedforward_layernorm.weight"] = t(L["post_ffw_norm"])
-    hf_cfg.save_pretrained(tmp)
-    save_file(sd, str(tmp / "model.safetensors"))
-    del sd
-    return tmp
-
-
-def run_hf(path: Path, prompts, max_new: int, batch: int, dtype: str,
-           repeats: int = 1) -> tuple[float, list]:
-    """Seconds to generate for all prompts, `batch` at a time (left padding), and the tokens."""
-    import torch
-    import transformers
-
-    tdtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdtype,
-                                                           attn_implementation="sdpa")
-    hf.eval()
-
-    def gen(group):
-        width = max(map(len, group))
-        ids = torch.tensor([[0] * (width - len(g)) + g for g in group])
-        mask = torch.tensor([[0] * (width - len(g)) + [1] * len(g) for g in group])
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                              min_new_tokens=max_new, do_sample=False, pad_token_id=0,
-                              top_k=None, top_p=None, temperature=None)
-        return out[:, width:].tolist()
-
-    gen(prompts[:batch])  # warm up
-    dt = float("inf")
-    for _ in range(repeats):  # best of `repeats`
-        t0 = time.perf_counter()
-        toks = []
-        for i in range(0, len(prompts), batch):
-            toks += gen(prompts[i:i + batch])
-        dt = min(dt, time.perf_counter() - t0)
-    del hf
-    return dt, toks
-
-
-# ----------------------------------------------------------------------------------- llama.cpp
-
-
-def run_llamacpp(gguf: Path, prompts, max_new: int, flash: bool,
-                 repeats: int = 1) -> tuple[float, list]:
-    import itertools
-
-    import llama_cpp
-
-    n = os.cpu_count() or 1
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=128, n_threads=n,
-                          n_threads_batch=n, flash_attn=flash, verbose=False)
-
-    def one(p):
-        return list(itertools.islice(
-            llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                         reset=True), max_new))
-
-    one(prompts[0][:8])  # warm up
-    dt = float("inf")
-    for _ in range(repeats):  # best of `repeats`
-        t0 = time.perf_counter()
-        toks = [one(p) for p in prompts]
-        dt = min(dt, time.perf_counter() - t0)
-    del llm
-    return dt, toks
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -368,19 +259,77 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 # ----------------------------------------------------------------------------------- main
 
 
+def comparisons(args, model, prompts: list[list[int]], tmp: Path) -> tuple[dict, dict]:
+    """Every engine on the same work, timed in alternating rounds; (results, tokens per side)."""
+    import jax
+    import jax.numpy as jnp
+    import peers
+
+    from model import Model
+
+    B, new, single = args.batch, args.max_new, prompts[:args.single]
+    m16 = Model(model.name + "-bf16", model.config,
+                jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), model.params),
+                model.tokenizer)
+    # side -> (rows x tokens it generates, the call)
+    sides: dict[str, tuple[int, object]] = {
+        "ours": (len(prompts), lambda: [g.tokens for g in run_ours(model, prompts, new, B)]),
+        "ours_b1": (len(single), lambda: [run_ours(model, [p], new, 1)[0].tokens
+                                          for p in single]),
+        "ours_bf16": (len(prompts), lambda: [g.tokens for g in run_ours(m16, prompts, new, B)]),
+    }
+    closers = []
+    if not args.skip_hf:
+        log("transformers: loading float32 and bfloat16 ...")
+        path = peers.build_hf(model, tmp / "hf")
+        hf32, hf16 = peers.HF(path, "float32"), peers.HF(path, "bfloat16")
+        sides["hf"] = (len(prompts), lambda: hf32.generate(prompts, new, B))
+        sides["hf_b1"] = (len(single), lambda: hf32.generate(single, new, 1))
+        sides["hf_bf16"] = (len(prompts), lambda: hf16.generate(prompts, new, B))
+    if not args.skip_llamacpp and not args.random_weights:
+        from model.embedded import embedded_gguf_path
+
+        log("llama.cpp: batched and single-stream contexts ...")
+        ctx = max(map(len, prompts)) + new + 8
+        for fa in (False, True):
+            tag = "fa" if fa else "nofa"
+            batched = peers.LlamaCpp(embedded_gguf_path(), B, ctx, fa, args.llama_threads)
+            one = peers.LlamaCpp(embedded_gguf_path(), 1, ctx, fa, args.llama_threads)
+            closers += [batched, one]
+            sides[f"llamacpp_batched_{tag}"] = (len(prompts),
+                                                lambda b=batched: b.generate(prompts, new))
+            sides[f"llamacpp_single_{tag}"] = (len(single), lambda o=one: o.generate(single, new))
+    for name, (_, fn) in sides.items():  # warm up every side once (compiles, caches)
+        w, _ = timed(fn)
+        log(f"warm-up {name}: {w:.1f} s")
+    log(f"timing {len(sides)} engines, {args.repeats} alternating rounds ...")
+    secs, toks = interleaved({k: fn for k, (_, fn) in sides.items()}, args.repeats)
+    res = {k: spread(secs[k], rows * new) for k, (rows, _) in sides.items()}
+    for c in closers:
+        c.close()
+    return res, toks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (< 15 min)")
-    ap.add_argument("--batch", type=int, default=16, help="our / HF batch size")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="decode slots: ours, HF's batch and llama.cpp's parallel sequences")
     ap.add_argument("--repeats", type=int, default=3,
-                    help="every throughput is the best of this many timed runs (all engines)")
+                    help="alternating timed rounds of every engine (medians)")
     ap.add_argument("--large-batch", type=int, default=256,
                     help="decode batch for the compute-bound (FLOP) roofline")
     ap.add_argument("--prompts", type=int, default=None, help="number of prompts")
+    ap.add_argument("--single", type=int, default=None,
+                    help="prompts of the single-stream (batch 1) runs")
     ap.add_argument("--max-new", type=int, default=None, help="tokens generated per prompt")
-    ap.add_argument("--random", action="store_true", help="random weights (gemma3-270m config)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="benchmark the gemma3-270m config with random weights (no llama.cpp)")
+    ap.add_argument("--llama-threads", type=int, default=None,
+                    help="llama.cpp threads (default: all cores)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--skip-roofline", action="store_true")
     ap.add_argument("--recurrentgemma", action="store_true",
                     help="instead: RecurrentGemma vs Gemma decode tokens/s at 1K and 8K context "
                          "(runs bench/griffin_speed.py)")
@@ -400,21 +349,23 @@ def main() -> None:
         return compile_probe(args)
     n_prompts = args.prompts or (16 if args.quick else 64)
     args.max_new = args.max_new or (32 if args.quick else 64)
-    n_single = 2 if args.quick else 8  # prompts run one at a time (batch 1)
-    n_llama = 8 if args.quick else n_prompts  # llama.cpp runs prompts one after another
-    res: dict = {"quick": args.quick, "batch": args.batch, "prompts": n_prompts,
-                 "max_new_tokens": args.max_new, "cpu_count": os.cpu_count()}
+    args.single = args.single or (2 if args.quick else 8)
+    mach = machine()
+    log(machine_line(mach))
+    res: dict = {"bench": "generate", **mach, "quick": args.quick, "batch": args.batch,
+                 "prompts": n_prompts, "single_stream_prompts": args.single,
+                 "max_new_tokens": args.max_new, "repeats": args.repeats}
     t_start = time.perf_counter()
 
     tmp = Path(tempfile.mkdtemp(prefix="gemma-batch-bench-"))
     probe_cache = str(tmp / "probe-cache")
     # The timed runs reuse the cache the probes filled (set before the engine turns it on).
     os.environ["GEMMA_BATCH_JAX_CACHE"] = probe_cache
-    import jax  # noqa: F401
+    import jax  # noqa: F401 - initialised after the cache variable is set
 
     log("loading model ...")
-    t_load, (model, real) = timed(load_ours, args.random)
-    res.update(model=model.name, real_weights=real, load_s=round(t_load, 1))
+    t_load, model = timed(lambda: load_ours(args.random_weights))
+    res.update(model=model.name, real_weights=not args.random_weights, load_s=round(t_load, 1))
     prompts = our_prompts(model, n_prompts)
     lengths = [len(p) for p in prompts]
     res["prompt_tokens_mean"] = sum(lengths) / len(lengths)
@@ -424,48 +375,61 @@ def main() -> None:
     warm = compile_seconds(args, lengths, probe_cache)
     res.update(compile_cold_s=round(cold["compile_s"], 2),
                compile_warm_s=round(warm["compile_s"], 2), programs=cold["programs"])
-
     log(json.dumps(res))
+
+    eng, toks = comparisons(args, model, prompts, tmp)
+    for k, v in eng.items():
+        res[f"{k}_tok_s"] = round(v["median"], 2)
+        res[f"{k}_tok_s_range"] = [round(v["min"], 2), round(v["max"], 2)]
+
+    def best(prefix: str) -> str | None:  # the faster flash-attention setting of a llama side
+        keys = [k for k in eng if k.startswith(prefix)]
+        return max(keys, key=lambda k: eng[k]["median"]) if keys else None
+
+    def ratio(ours: str, peer: str | None) -> float | None:
+        return round(eng[ours]["median"] / eng[peer]["median"], 2) if peer in eng else None
+
+    lb, ls = best("llamacpp_batched_"), best("llamacpp_single_")
+    res.update(
+        vs_hf=ratio("ours", "hf"), vs_hf_b1=ratio("ours_b1", "hf_b1"),
+        vs_hf_bf16=ratio("ours_bf16", "hf_bf16"),
+        llamacpp_batched_tok_s=res.get(f"{lb}_tok_s"), llamacpp_single_tok_s=res.get(f"{ls}_tok_s"),
+        llamacpp_batched_flash=None if lb is None else lb.endswith("_fa"),
+        llamacpp_single_flash=None if ls is None else ls.endswith("_fa"),
+        vs_llamacpp_batched=ratio("ours", lb), vs_llamacpp_single=ratio("ours_b1", ls))
+    res["vs_llamacpp"] = res["vs_llamacpp_batched"]
+    ours_tok = toks["ours"]
+    # Batch composition must not change greedy results: batch 1 vs batch B, same rows.
+    res["b1_vs_batch_agreement"] = round(agreement(toks["ours_b1"], ours_tok[:args.single]), 3)
+    res["ours_bf16_agreement"] = round(agreement(toks["ours_bf16"], ours_tok), 3)
+    if "hf" in toks:
+        res["hf_agreement"] = round(agreement(ours_tok, toks["hf"]), 3)
+    if lb is not None:
+        res["llamacpp_batched_agreement"] = round(agreement(ours_tok, toks[lb]), 3)
+        res["llamacpp_single_agreement"] = round(agreement(toks["ours_b1"], toks[ls]), 3)
+    log(json.dumps(res))
+
+    prof: dict = {}
+    samples: list[dict] = []
+    if not args.skip_roofline:
+        prof, samples = roofline(args, model, lengths, res)
+    res["bench_s"] = round(time.perf_counter() - t_start, 1)
+    shutil.rmtree(tmp, ignore_errors=True)
+    report(args, res, eng, prof, samples, mach)
+
+
+def roofline(args, model, lengths: list[int], res: dict) -> tuple[dict, list[dict]]:
+    """Decode-step times at batch 1, B and --large-batch against this machine's peaks."""
     log("machine roofline ...")
     # This machine's peaks drift with its neighbours' load (bandwidth 40-68 GB/s across runs):
     # it is measured again next to every decode-step measurement and the median is used.
     samples = [measure_machine()]
-
-    log("ours ...")
-    B = args.batch
-    run_ours(model, prompts[:B], args.max_new, B)  # compile / warm up
-    run_ours(model, prompts[:1], args.max_new, 1)
-    t_b, ours_b = best_of(args.repeats, run_ours, model, prompts, args.max_new, B)
-    t_1, ours_1 = best_of(args.repeats, lambda: [run_ours(model, [p], args.max_new, 1)[0]
-                                                 for p in prompts[:n_single]])
-    ours_tok = [g.tokens for g in ours_b]
-    # Batch composition must not change greedy results: batch 1 vs batch B, same rows.
-    res["b1_vs_batch_agreement"] = round(agreement([g.tokens for g in ours_1],
-                                                   ours_tok[:n_single]), 3)
-    res["ours_tok_s"] = round(n_prompts * args.max_new / t_b, 2)
-    res["ours_b1_tok_s"] = round(n_single * args.max_new / t_1, 2)
-
-    # The same weights in bfloat16 (matmuls accumulate in float32): against HF's bf16 row.
-    import jax.numpy as jnp
-
-    from model.api import Model
-
-    m16 = Model(model.name + "-bf16", model.config,
-                jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), model.params),
-                model.tokenizer)
-    run_ours(m16, prompts[:B], args.max_new, B)  # compile / warm up
-    t_16, ours_16 = best_of(args.repeats, run_ours, m16, prompts, args.max_new, B)
-    res["ours_bf16_tok_s"] = round(n_prompts * args.max_new / t_16, 2)
-    res["ours_bf16_agreement"] = round(agreement([g.tokens for g in ours_16], ours_tok), 3)
-    del m16
-
+    B, LB = args.batch, args.large_batch
     length = model.engine.buckets.length_bucket(max(lengths) + args.max_new)
     prof = {}
-    LB = args.large_batch
     many = our_prompts(model, max(LB, B))
     for b in sorted({1, B, LB}):
-        # min over repeats: 3 for the cheap small batches, fewer for the large one
-        reps = 2 if b == LB else 3
+        reps = 2 if b == LB else 3  # the large batch is slow; medians of fewer repeats
         step = decode_step_seconds(model, many[:b], b, 4, 4 + (16 if args.quick else 32), reps)
         samples.append(measure_machine())
         prof[b] = {"step_ms": step * 1e3, **{k + "_ms": v * 1e3
@@ -495,85 +459,44 @@ def main() -> None:
     res["ours_large_decode_tok_s"] = round(LB / (prof[LB]["step_ms"] / 1e3), 1)
     res["profile"] = {str(b): {k: (round(v, 3) if isinstance(v, float) else v)
                                for k, v in p.items()} for b, p in prof.items()}
+    return prof, samples
 
-    log(json.dumps(res))
-    hf_path = None
-    if not args.skip_hf:
-        log("transformers ...")
-        hf_path = build_hf(model, tmp / "hf")
-        for dtype in ("float32", "bfloat16"):
-            # bf16 is slow on CPU torch: in --quick it runs B prompts, 1 alone, 8 tokens.
-            slow = args.quick and dtype == "bfloat16"
-            n_b, n_1 = (B, 1) if slow else (n_prompts, n_single)
-            new = 8 if slow else args.max_new
-            try:
-                dt_b, hf_toks = run_hf(hf_path, prompts[:n_b], new, B, dtype, args.repeats)
-                dt_1, _ = run_hf(hf_path, prompts[:n_1], new, 1, dtype, args.repeats)
-            except Exception as e:  # noqa: BLE001 - report, keep going
-                log(f"HF {dtype} failed: {e}")
-                continue
-            tag = "" if dtype == "float32" else "_bf16"
-            res[f"hf{tag}_tok_s"] = round(n_b * new / dt_b, 2)
-            res[f"hf{tag}_b1_tok_s"] = round(n_1 * new / dt_1, 2)
-            if dtype == "float32":
-                res["hf_agreement"] = round(agreement(ours_tok, hf_toks), 3)
-        if "hf_tok_s" in res:
-            res["vs_hf"] = round(res["ours_tok_s"] / res["hf_tok_s"], 2)
-            res["vs_hf_b1"] = round(res["ours_b1_tok_s"] / res["hf_b1_tok_s"], 2)
-        if "hf_bf16_tok_s" in res:
-            res["vs_hf_bf16"] = round(res["ours_bf16_tok_s"] / res["hf_bf16_tok_s"], 2)
 
-    log(json.dumps(res))
-    if not args.skip_llamacpp and real:
-        log("llama.cpp ...")
-        from model.embedded import embedded_gguf_path
-
-        gguf = embedded_gguf_path()
-        for flash in (False, True):
-            try:
-                dt, ll_toks = run_llamacpp(gguf, prompts[:n_llama], args.max_new, flash,
-                                           args.repeats)
-            except Exception as e:  # noqa: BLE001
-                log(f"llama.cpp flash={flash} failed: {e}")
-                continue
-            key = "llamacpp_fa_tok_s" if flash else "llamacpp_nofa_tok_s"
-            res[key] = round(n_llama * args.max_new / dt, 2)
-            res.setdefault("llamacpp_agreement", round(agreement(ours_tok, ll_toks), 3))
-        speeds = [res[k] for k in ("llamacpp_nofa_tok_s", "llamacpp_fa_tok_s") if k in res]
-        if speeds:
-            res["llamacpp_tok_s"] = max(speeds)
-            res["vs_llamacpp"] = round(res["ours_tok_s"] / res["llamacpp_tok_s"], 2)
-    for key in ("hf_tok_s", "llamacpp_tok_s", "vs_hf", "vs_llamacpp"):
-        res.setdefault(key, None)
-    res["llamacpp_prompts"] = n_llama
-    res["bench_s"] = round(time.perf_counter() - t_start, 1)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    rows = [("ours batch %d" % B, res["ours_tok_s"]), ("ours batch 1", res["ours_b1_tok_s"]),
-            ("ours bf16 batch %d" % B, res["ours_bf16_tok_s"]),
-            ("HF fp32 batch %d" % B, res.get("hf_tok_s")),
-            ("HF fp32 batch 1", res.get("hf_b1_tok_s")),
-            ("HF bf16 batch %d" % B, res.get("hf_bf16_tok_s")),
-            ("HF bf16 batch 1", res.get("hf_bf16_b1_tok_s")),
-            ("llama.cpp (FA off)", res.get("llamacpp_nofa_tok_s")),
-            ("llama.cpp (FA on)", res.get("llamacpp_fa_tok_s"))]
-    print(f"{'engine':<22}{'tokens/s':>10}")
-    for name, v in rows:
-        print(f"{name:<22}{'-' if v is None else f'{v:.1f}':>10}")
-    print(f"ratio vs HF (batch {B}): {res['vs_hf']} (bf16 vs bf16: {res.get('vs_hf_bf16')})   "
-          f"vs llama.cpp: {res['vs_llamacpp']}")
+def report(args, res: dict, eng: dict, prof: dict, samples: list[dict], mach: dict) -> None:
+    B = args.batch
+    names = [("ours", f"ours fp32 batch {B}"), ("ours_b1", "ours fp32 batch 1"),
+             ("ours_bf16", f"ours bf16 batch {B}"), ("hf", f"HF fp32 batch {B}"),
+             ("hf_b1", "HF fp32 batch 1"), ("hf_bf16", f"HF bf16 batch {B}"),
+             ("llamacpp_batched_nofa", f"llama.cpp {B} seqs, FA off"),
+             ("llamacpp_batched_fa", f"llama.cpp {B} seqs, FA on"),
+             ("llamacpp_single_nofa", "llama.cpp 1 seq, FA off"),
+             ("llamacpp_single_fa", "llama.cpp 1 seq, FA on")]
+    print(machine_line(mach))
+    print(f"{'engine':<28}{'tokens/s':>10}{'range':>18}   (median of {args.repeats} "
+          "alternating rounds)")
+    for k, name in names:
+        if k in eng:
+            v = eng[k]
+            span = f"{v['min']:.1f}-{v['max']:.1f}"
+            print(f"{name:<28}{v['median']:>10.1f}{span:>18}")
+    print(f"ours / HF: batch {B} {res['vs_hf']}, batch 1 {res['vs_hf_b1']}, bf16 batch {B} "
+          f"{res['vs_hf_bf16']}")
+    print(f"ours / llama.cpp: batched ({B} slots vs {B} sequences) {res['vs_llamacpp_batched']}, "
+          f"single stream {res['vs_llamacpp_single']}")
     print(f"compile: cold {res['compile_cold_s']}s, warm {res['compile_warm_s']}s, "
           f"{res['programs']} programs")
-    print(f"machine (median of {len(samples)} measurements): matmul "
-          f"{res['matmul_gflops']} GFLOP/s (range {res['matmul_range_gflops']}), "
-          f"bandwidth {res['bandwidth_gbs']} GB/s (range {res['bandwidth_range_gbs']})")
-    for b, p in prof.items():
-        print(f"decode step batch {b}: {p['step_ms']:.1f} ms (bound {p['binding']} "
-              f"{max(p['mem_bound_ms'], p['flop_bound_ms']):.1f} ms -> {p['fraction']:.0%}); "
-              f"forward {p['forward_ms']:.1f} ms, of which output projection "
-              f"{p['out_proj_ms']:.1f} ms; sampler {p['sample_ms']:.2f} ms")
-    print(f"roofline: bandwidth at batch 1 {res['roofline_bw_b1']:.0%}, FLOPs at batch {LB} "
-          f"{res['roofline_flops_large']:.0%} (decode {res['ours_large_decode_tok_s']} tok/s)")
+    if prof:
+        print(f"machine (median of {len(samples)} measurements): matmul "
+              f"{res['matmul_gflops']} GFLOP/s (range {res['matmul_range_gflops']}), "
+              f"bandwidth {res['bandwidth_gbs']} GB/s (range {res['bandwidth_range_gbs']})")
+        for b, p in prof.items():
+            print(f"decode step batch {b}: {p['step_ms']:.1f} ms (bound {p['binding']} "
+                  f"{max(p['mem_bound_ms'], p['flop_bound_ms']):.1f} ms -> {p['fraction']:.0%});"
+                  f" forward {p['forward_ms']:.1f} ms, of which output projection "
+                  f"{p['out_proj_ms']:.1f} ms; sampler {p['sample_ms']:.2f} ms")
+        print(f"roofline: bandwidth at batch 1 {res['roofline_bw_b1']:.0%}, FLOPs at batch "
+              f"{args.large_batch} {res['roofline_flops_large']:.0%} (decode "
+              f"{res['ours_large_decode_tok_s']} tok/s)")
     print(json.dumps(res))
 
 

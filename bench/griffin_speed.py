@@ -29,14 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import machine, machine_line  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from harness import machine, machine_line
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from model import griffin, transformer  # noqa: E402
-from model.config import GemmaConfig, GriffinConfig  # noqa: E402
+from model import griffin, transformer
+from model.config import GemmaConfig, GriffinConfig
 
 CHUNK = 1024
 

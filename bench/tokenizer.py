@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "model"))
 
-from harness import interleaved, machine, machine_line, spread  # noqa: E402
+from harness import interleaved, machine, machine_line, spread
 
 
 def main() -> None:
