@@ -1,4 +1,5 @@
-"""The public entry point: `load_model(source)` -> `Model` with `.logits` and `.generate`."""
+"""The public entry point: `load_model(source)` -> `Model` with `.logits` and `.generate`, on one
+device or on a (data, model) mesh over several (model/sharding.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import checkpoints
+from model import checkpoints, sharding
 from model.config import DEFAULT_MODEL, ModelConfig
 from model.engine import Engine, Generation, generate
 from model.family import Family, Params, family_of
@@ -42,19 +43,26 @@ class Model:
 
     `engine` holds this model's compiled generation programs: its `buckets` (shape buckets;
     `buckets.max_batch` is the most decode slots) and its `compile_log` (count, seconds, records).
+    `mesh` is the (data, model) device mesh the parameters are placed on (None: the one device
+    they are on); `info['mesh']` ({'data': d, 'model': m}) and `info['param_bytes_per_device']`
+    (the most parameter bytes any one device holds) say how.
     """
 
     def __init__(self, name: str, config: ModelConfig, params: Params,
                  tokenizer: Tokenizer | None, prompt_format: str = "completion",
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, mesh: jax.sharding.Mesh | None = None):
         self.name = name
         self.config = config
-        self.params = params
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
-        self.info = info or {}
         self.family: Family = family_of(config)
-        self.engine = Engine(self.family, config, params)
+        self.mesh = mesh if mesh is not None else sharding.mesh_of(params)
+        # On a mesh of several devices the engine places the parameters (one device: as given).
+        self.engine = Engine(self.family, config, params, mesh=self.mesh)
+        self.params = self.engine.params
+        per_device = sharding.bytes_per_device(self.params)
+        self.info = {**(info or {}), "mesh": sharding.mesh_dict(self.mesh),
+                     "param_bytes_per_device": max(per_device.values(), default=0)}
 
     @property
     def dtype(self) -> Any:
@@ -70,7 +78,10 @@ class Model:
             raise ValueError(f"logits expects int tokens of shape [batch, time], got {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        out = _full_logits(self.params, jnp.asarray(tokens, jnp.int32), self.family, self.config)
+        tokens, mesh = tokens.astype(np.int32), self.engine.mesh
+        tokens = (jnp.asarray(tokens) if mesh is None  # rows over `data` on a mesh
+                  else jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape)))
+        out = _full_logits(self.params, tokens, self.family, self.config)
         return np.asarray(out, dtype=np.float32)
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -117,7 +128,9 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: Any = None,
-               prompt_format: str | None = None, seed: int = 0) -> Model:
+               prompt_format: str | None = None, seed: int = 0,
+               mesh_shape: Sequence[int] | None = None,
+               devices: Sequence[Any] | None = None) -> Model:
     """Loads a model from a preset name, an HF directory, a .gguf file or an Orbax directory.
 
     Args:
@@ -128,20 +141,37 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: Any = None,
       dtype: "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on GPU/TPU).
       prompt_format: override "chat" / "completion" (default: from the checkpoint).
       seed: seed of the random weights of `tiny-*` presets.
+      mesh_shape: (data, model) devices of the mesh, their product the device count; None
+        chooses it from the parameter bytes and one device's memory
+        (`sharding.choose_mesh_shape`: data-parallel when the model fits one device).
+      devices: the devices to run on (default: all that this process sees).
     Raises:
       CheckpointError: the source cannot be found or read (one line saying what to do).
+      ValueError: a bad mesh_shape, or a model too big for all the devices together.
     """
     if prompt_format not in (None, "chat", "completion"):
         raise ValueError(f"prompt_format must be 'chat' or 'completion', got {prompt_format!r}")
-    c = checkpoints.load(source, _resolve_dtype(dtype), seed)
+    devices = list(jax.devices() if devices is None else devices)
+    if mesh_shape is not None:
+        mesh_shape = sharding.check_mesh_shape(mesh_shape, len(devices))
+    if len(devices) == 1:
+        c = checkpoints.load(source, _resolve_dtype(dtype), seed)
+    else:  # read on the host; the Model places the parameters on the mesh
+        with sharding.on_host():
+            c = checkpoints.load(source, _resolve_dtype(dtype), seed)
+    if mesh_shape is None:
+        mesh_shape = sharding.choose_mesh_shape(len(devices), sharding.tree_bytes(c.params),
+                                                sharding.device_memory(devices[0]))
     return Model(c.name, c.config, c.params, c.tokenizer, prompt_format or c.prompt_format,
-                 c.info)
+                 c.info, mesh=sharding.make_mesh(mesh_shape, devices))
 
 
 def describe(model: Model) -> dict[str, Any]:
     """A JSON-able summary of a model (for run summaries)."""
     return {"name": model.name, "family": model.config.family, "dtype": str(model.dtype),
-            "params": int(model.config.num_params()), "prompt_format": model.prompt_format}
+            "params": int(model.config.num_params()), "prompt_format": model.prompt_format,
+            "mesh": model.info["mesh"],
+            "param_bytes_per_device": model.info["param_bytes_per_device"]}
 
 
 __all__ = ["Model", "Generation", "load_model", "describe", "DEFAULT_MODEL"]

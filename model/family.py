@@ -21,6 +21,10 @@ class Family(Protocol):
     """
 
     __name__: str
+    # Logical axes (names in model/sharding.py's LOGICAL_AXIS_RULES) of each parameter and state
+    # leaf, keyed by the leaf's name in the tree.
+    PARAM_AXES: dict[str, tuple[str | None, ...]]
+    STATE_AXES: dict[str, tuple[str | None, ...]]
 
     def init_params(self, cfg: Any, key: jax.Array, dtype: Any = ...) -> Params:
         """Random parameters with the real tree and shapes."""

@@ -65,6 +65,34 @@ class AttentionState(NamedTuple):
 GriffinState = tuple  # one RecurrentState | AttentionState per block
 
 
+# Logical axes of every parameter and state leaf, by its name (model/sharding.py maps them onto
+# the mesh with LOGICAL_AXIS_RULES).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),  # [V, D]
+    "final_norm": ("embed",), "temporal_norm": ("embed",), "channel_norm": ("embed",),
+    "gate": ("embed", "mlp"), "up": ("embed", "mlp"),  # [D, F]
+    "gate_b": ("mlp",), "up_b": ("mlp",),
+    "down": ("mlp", "embed"), "down_b": ("embed",),  # [F, D]
+    "linear_x": ("embed", "lru_width"), "linear_y": ("embed", "lru_width"),  # [D, L]
+    "linear_x_b": ("lru_width",), "linear_y_b": ("lru_width",),
+    "linear_out": ("lru_width", "embed"), "linear_out_b": ("embed",),  # [L, D]
+    "conv_w": ("conv", "lru_width"), "conv_b": ("lru_width",),  # [W, L]
+    "input_gate": ("lru_heads", None, None), "a_gate": ("lru_heads", None, None),  # [N, I, I]
+    "input_gate_b": ("lru_heads", None), "a_gate_b": ("lru_heads", None),  # [N, I]
+    "a_param": ("lru_width",),
+    "q": ("embed", "heads", "head_dim"),  # [D, H, Dh]
+    "k": ("embed", "kv_heads", "head_dim"), "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"), "o_b": ("embed",),  # [H, Dh, D]
+}
+STATE_AXES: dict[str, tuple[str | None, ...]] = {
+    "rg_lru": ("batch", "lru_width"),  # [B, L]
+    "conv": ("batch", "conv", "lru_width"),  # [B, W-1, L]
+    "k": ("batch", "cache_len", "kv_heads", "head_dim"),  # [B, S, K, Dh]
+    "v": ("batch", "cache_len", "kv_heads", "head_dim"),
+    "pos": ("batch", "cache_len"),  # [B, S]
+}
+
+
 def embed_scale(d_model: int) -> float:
     """sqrt(d_model) rounded to bfloat16, as both reference implementations compute it."""
     return float(np.asarray(math.sqrt(d_model), dtype=jnp.bfloat16))

@@ -50,6 +50,27 @@ class KVState:
     pos_local: Array
 
 
+# Logical axes of every parameter and state leaf, by its name (model/sharding.py maps them onto
+# the mesh with LOGICAL_AXIS_RULES).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),  # [V, D]
+    "final_norm": ("embed",), "attn_norm": ("embed",), "ffw_norm": ("embed",),
+    "post_attn_norm": ("embed",), "post_ffw_norm": ("embed",),
+    "q": ("embed", "heads", "head_dim"),  # [D, H, Dh]
+    "k": ("embed", "kv_heads", "head_dim"),  # [D, K, Dh]
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),  # [H, Dh, D]
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "gate": ("embed", "mlp"), "up": ("embed", "mlp"),  # [D, F]
+    "down": ("mlp", "embed"),  # [F, D]
+}
+STATE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": ("batch", "cache_len", "kv_heads", "head_dim"),  # [B, S, K, Dh]
+    "v": ("batch", "kv_heads", "head_dim", "cache_len"),  # [B, K, Dh, S]
+    "pos_global": ("batch", "cache_len"), "pos_local": ("batch", "cache_len"),
+}
+
+
 def _ring_size(cfg: GemmaConfig, max_len: int) -> int:
     return min(cfg.sliding_window or max_len, max_len)
 

@@ -1,5 +1,6 @@
 """The engine's device side: jitted prefill, decode loop and deactivate programs over slot state,
-and `Engine`, which compiles them per shape bucket for one model and keeps its compile log.
+and `Engine`, which compiles them per shape bucket for one model and keeps its compile log; on a
+device mesh the programs take and return sharded parameters, state and slots (model/sharding.py).
 
 Legend: B = decode slots, P = rows per prefill call, T = prefill chunk, L = cache length,
 S = stop-token table size.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import sharding
 from model.config import ModelConfig
 from model.engine import sampling
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog
@@ -119,8 +121,16 @@ def put_rows(state: State, rows: State, axes: Any, idx_p: Array) -> State:
 # Programs (pure functions; compiled per shape bucket by `Engine`).
 
 
-def prefill_program(family: Family, cfg: ModelConfig, axes: Any) -> Callable:
-    """(params, state, slots, tokens [P, T], positions [P, T], new) -> (state, slots)."""
+def _keep(state: State) -> State:
+    return state
+
+
+def prefill_program(family: Family, cfg: ModelConfig, axes: Any,
+                    constrain: Callable[[State], State] = _keep) -> Callable:
+    """(params, state, slots, tokens [P, T], positions [P, T], new) -> (state, slots).
+
+    `constrain` pins the state's layout (a sharding constraint on a mesh; identity otherwise).
+    """
 
     def prefill(params: Params, state: State, slots: Slots, tokens_pt: Array,
                 positions_pt: Array, new: NewRows) -> tuple[State, Slots]:
@@ -128,7 +138,7 @@ def prefill_program(family: Family, cfg: ModelConfig, axes: Any) -> Callable:
         idx_p = jnp.where(new.slot >= 0, new.slot, b)  # B: out of range, dropped on write
         rows = take_rows(state, axes, idx_p)
         _, rows = family.forward(params, tokens_pt, positions_pt, rows, cfg)
-        state = put_rows(state, rows, axes, idx_p)
+        state = constrain(put_rows(state, rows, axes, idx_p))
         # Every per-slot field but `out` (n_out = 0 hides a reused slot's old tokens).
         fresh = dict(active=jnp.ones_like(new.slot, bool), last_token=new.last_token,
                      pos=new.pos, n_out=jnp.zeros_like(new.slot), settings=new.settings)
@@ -148,11 +158,13 @@ def vocab_major_head(params: Params, b: int) -> bool:
             and all(leaf.dtype != jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def decode_program(family: Family, cfg: ModelConfig) -> Callable:
+def decode_program(family: Family, cfg: ModelConfig,
+                   constrain: Callable[[State], State] = _keep) -> Callable:
     """(params, state, slots, stop ids [S], max_steps, min_free) -> (state, slots, steps).
 
     One `lax.while_loop`: every active slot gets its next token per step, until no slot is
-    active, `max_steps` steps ran, or at least `min_free` slots are free.
+    active, `max_steps` steps ran, or at least `min_free` slots are free. `constrain` pins the
+    state's layout in the loop (a sharding constraint on a mesh; identity otherwise).
     """
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
@@ -184,7 +196,7 @@ def decode_program(family: Family, cfg: ModelConfig) -> Callable:
             sl = sl._replace(active=act_b & ~finished_b, out=out, n_out=n_out,
                              last_token=jnp.where(act_b, nxt_b, sl.last_token),
                              pos=sl.pos + act_b)
-            return step + 1, st, sl
+            return step + 1, constrain(st), sl
 
         steps, state, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), state, slots))
         return state, slots, steps
@@ -218,20 +230,36 @@ class Engine:
     Attributes:
       buckets: the shape buckets generation rounds to (`Buckets.max_batch`: most slots).
       dtype: the state dtype (default: the params' floating dtype; float32 on CPU).
+      mesh: the (data, model) device mesh, or None on one device. On a mesh the parameters are
+        placed by their family's logical axes, the state and slots by theirs (slots over `data`),
+        and every program takes and returns them with those shardings (nothing is re-laid out
+        between calls); the programs and their count are those of one device.
       compile_log: this engine's compiled programs, with a record (program, shapes, seconds) of
         each compile; compiles also go through JAX's persistent cache (`enable_compile_cache`).
     """
 
     def __init__(self, family: Family, cfg: ModelConfig, params: Params,
-                 buckets: Buckets = DEFAULT_BUCKETS, dtype: Any = None):
+                 buckets: Buckets = DEFAULT_BUCKETS, dtype: Any = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        """`mesh` None: the mesh the params are placed on (a 1-device mesh counts as none)."""
+        mesh = sharding.mesh_of(params) if mesh is None else mesh
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self._param_sh = None
+        if self.mesh is not None:
+            self._param_sh = sharding.tree_shardings(params, family.PARAM_AXES, self.mesh,
+                                                     "parameter")
+            params = sharding.place(params, self._param_sh)
         self.family, self.cfg, self.params, self.buckets = family, cfg, params, buckets
         self.dtype = dtype or state_dtype(params)
         self.compile_log = CompileLog()
         self._axes: dict[int, Any] = {}
+        self._state_sh: dict[tuple[int, int], Any] = {}
+        self._init: dict[tuple[int, int], Callable[[], State]] = {}
 
     def __repr__(self) -> str:
+        mesh = f", mesh={sharding.mesh_dict(self.mesh)}" if self.mesh is not None else ""
         return (f"Engine({self.family.__name__}, {type(self.cfg).__name__}, "
-                f"dtype={jnp.dtype(self.dtype)}, programs={self.compile_log.count})")
+                f"dtype={jnp.dtype(self.dtype)}{mesh}, programs={self.compile_log.count})")
 
     def axes(self, length: int) -> Any:
         """Per state leaf of a cache of length L, its batch axis (see `batch_axes`)."""
@@ -239,41 +267,110 @@ class Engine:
             self._axes[length] = batch_axes(self.family, self.cfg, length, self.dtype)
         return self._axes[length]
 
+    # Placement on the mesh (all identity without one).
+
+    def state_shardings(self, b: int, length: int) -> Any:
+        """NamedSharding per state leaf of B slots, cache length L (mesh only)."""
+        if (b, length) not in self._state_sh:
+            shapes = jax.eval_shape(lambda: self.family.init_state(self.cfg, b, length,
+                                                                   self.dtype))
+            self._state_sh[b, length] = sharding.tree_shardings(
+                shapes, self.family.STATE_AXES, self.mesh, "state")
+        return self._state_sh[b, length]
+
+    def _slots_sh(self, slots: Slots) -> Any:
+        return jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape),
+                                      slots)
+
+    def _constrain(self, b: int, length: int) -> Callable[[State], State]:
+        if self.mesh is None:
+            return _keep
+        sh = self.state_shardings(b, length)
+        return lambda st: jax.lax.with_sharding_constraint(st, sh)
+
+    def _put(self, x: Any, rows: bool = False) -> Any:
+        """Host values onto the device(s): replicated, or with `rows` axis 0 over `data`."""
+        if self.mesh is None:
+            return jax.tree_util.tree_map(jnp.asarray, x)
+        return jax.tree_util.tree_map(
+            lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)) if rows
+                                     else sharding.replicated(self.mesh)), x)
+
+    def _compile(self, fn: Callable, donate: tuple[int, ...], args: tuple,
+                 shardings: Callable[[], tuple[Any, Any]]) -> Any:
+        """`fn` compiled for `args`; on a mesh with the (in, out) shardings `shardings()`."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        in_sh, out_sh = shardings()
+        return jax.jit(fn, donate_argnums=donate, in_shardings=in_sh,
+                       out_shardings=out_sh).lower(*args).compile()
+
     def init_state(self, b: int, length: int) -> State:
-        """Empty model state for B slots of cache length L."""
-        return self.family.init_state(self.cfg, b, length, self.dtype)
+        """Empty model state for B slots of cache length L (made in place on a mesh)."""
+        if self.mesh is None:
+            return self.family.init_state(self.cfg, b, length, self.dtype)
+        if (b, length) not in self._init:
+            self._init[b, length] = jax.jit(
+                lambda: self.family.init_state(self.cfg, b, length, self.dtype),
+                out_shardings=self.state_shardings(b, length))
+        return self._init[b, length]()
+
+    def empty_slots(self, b: int, length: int) -> Slots:
+        """B free slots with room for L generated tokens (see `empty_slots`)."""
+        slots = empty_slots(b, length)
+        return slots if self.mesh is None else sharding.place(slots, self._slots_sh(slots))
+
+    # The programs.
 
     def prefill(self, state: State, slots: Slots, tokens: np.ndarray, positions: np.ndarray,
                 new: NewRows) -> tuple[State, Slots]:
         """Feeds tokens [P, T] at positions [P, T] into the new rows' slots and places them."""
         b, length = slots.out.shape
         p, t = tokens.shape
-        args = (self.params, state, slots, jnp.asarray(tokens), jnp.asarray(positions),
-                jax.tree_util.tree_map(jnp.asarray, new))
+        args = (self.params, state, slots, self._put(tokens, rows=True),
+                self._put(positions, rows=True), self._put(new))
+
+        def shardings() -> tuple[Any, Any]:
+            st, sl = self.state_shardings(b, length), self._slots_sh(slots)
+            return ((self._param_sh, st, sl, args[3].sharding, args[4].sharding,
+                     sharding.replicated(self.mesh)), (st, sl))
+
         fn = self.compile_log.get(
             ("prefill", b, length, p, t), "prefill", f"B={b} L={length} P={p} T={t}",
-            lambda: jax.jit(prefill_program(self.family, self.cfg, self.axes(length)),
-                            donate_argnums=(1, 2)).lower(*args).compile())
+            lambda: self._compile(prefill_program(self.family, self.cfg, self.axes(length),
+                                                  self._constrain(b, length)),
+                                  (1, 2), args, shardings))
         return fn(*args)
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
                min_free: int) -> tuple[State, Slots, Array]:
         """Runs the decode loop (see `decode_program`)."""
         b, length = slots.out.shape
-        args = (self.params, state, slots, jnp.asarray(stop_ids), jnp.int32(max_steps),
-                jnp.int32(min_free))
+        args = (self.params, state, slots, self._put(stop_ids),
+                self._put(np.int32(max_steps)), self._put(np.int32(min_free)))
+
+        def shardings() -> tuple[Any, Any]:
+            st, sl = self.state_shardings(b, length), self._slots_sh(slots)
+            rep = sharding.replicated(self.mesh)
+            return (self._param_sh, st, sl, rep, rep, rep), (st, sl, rep)
+
         fn = self.compile_log.get(
-            ("decode", b, length, len(stop_ids)), "decode",
-            f"B={b} L={length} S={len(stop_ids)}",
-            lambda: jax.jit(decode_program(self.family, self.cfg),
-                            donate_argnums=(1, 2)).lower(*args).compile())
+            ("decode", b, length, len(stop_ids)), "decode", f"B={b} L={length} S={len(stop_ids)}",
+            lambda: self._compile(decode_program(self.family, self.cfg,
+                                                 self._constrain(b, length)),
+                                  (1, 2), args, shardings))
         return fn(*args)
 
     def deactivate(self, slots: Slots, kill: np.ndarray) -> Slots:
         """Frees the slots marked in kill (bool [B])."""
         b, length = slots.out.shape
-        args = (slots, jnp.asarray(kill))
-        fn = self.compile_log.get(("deactivate", b, length), "deactivate", f"B={b} L={length}",
-                                  lambda: jax.jit(deactivate, donate_argnums=(0,)).lower(*args)
-                                  .compile())
+        args = (slots, self._put(kill, rows=True))
+
+        def shardings() -> tuple[Any, Any]:
+            sl = self._slots_sh(slots)
+            return (sl, args[1].sharding), sl
+
+        fn = self.compile_log.get(
+            ("deactivate", b, length), "deactivate", f"B={b} L={length}",
+            lambda: self._compile(deactivate, (0,), args, shardings))
         return fn(*args)

@@ -17,7 +17,7 @@ import numpy as np
 from model.engine import sampling
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, enable_compile_cache
 from model.engine.programs import (NO_SLOT, Engine, NewRows, RowSettings, Slots, State,
-                                   empty_slots, settings_arrays)
+                                   settings_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
     """Runs one cache-length group through continuous batching."""
     b = _slots_for(len(group), max_batch, engine.buckets)
     state = engine.init_state(b, length)
-    slots = empty_slots(b, length)
+    slots = engine.empty_slots(b, length)
     waiting = collections.deque(group)
     slot_row: list[_Row | None] = [None] * b
     refill_min = _refill_min(b, refill_min)
