@@ -211,7 +211,7 @@ def deactivate(slots: Slots, kill_b: Array) -> Slots:
 
 def state_dtype(params: Params) -> Any:
     """The params' floating dtype; float32 on CPU, where XLA would convert a bf16 cache to f32
-    for every attention product (bf16 model, 16 rows: decode step 65 -> 50 ms with f32 state)."""
+    for every attention product (a bf16 model's 16-row decode step: ~25% faster, f32 state)."""
     if jax.default_backend() == "cpu":
         return jnp.float32
     for leaf in jax.tree_util.tree_leaves(params):
