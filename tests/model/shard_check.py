@@ -83,7 +83,9 @@ def check(name: str, cfg: object) -> dict:
     e0 = Engine(ref.family, cfg, ref.params, buckets=TB)
     gen0 = generate(e0, prompts, tok, max_new_tokens=max_new, max_batch=8, stop_token_ids=[],
                     stop_strings=stop)
-    res: dict = {"ref_programs": programs(e0), "meshes": {}}
+    window = getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_window", None)
+    res: dict = {"ref_programs": programs(e0), "meshes": {}, "window": window,
+                 "longest": max(len(p) + n for p, n in zip(prompts, max_new))}
     for shape in MESHES:
         m = Model(name, cfg, host, tok, mesh=sharding.make_mesh(shape))
         got = m.logits(tokens)

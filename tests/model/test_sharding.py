@@ -52,6 +52,8 @@ def test_sharded_logits_equal_one_device(eight_devices):
 def test_greedy_generation_with_refills_is_identical_with_the_same_programs(eight_devices):
     for name, c in eight_devices["configs"].items():
         ref = c["ref_programs"]
+        if c["window"]:  # local layers: rows outgrow their ring, which wraps
+            assert c["longest"] > c["window"], name
         prefills = {p.split(" P=")[-1] for p in ref if p.startswith("prefill")}
         if name.startswith("gemma3"):  # stop strings ended rows: `deactivate` ran
             assert any(p.startswith("deactivate") for p in ref)
