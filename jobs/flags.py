@@ -39,6 +39,9 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--long-document", choices=["error", "truncate"])
     g.add_argument("--batch-size", type=int)
     g.add_argument("--rows-per-output-shard", type=int)
+    g.add_argument("--mesh", type=_mesh, metavar="DxM",
+                   help="each actor's device mesh: D data x M model devices (default: chosen "
+                        "from the actor's devices and the model's size)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int)
     s.add_argument("--temperature", type=float)
@@ -51,7 +54,10 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--min-actors", type=int, help="autoscaling pool: fewest actors")
     r.add_argument("--max-actors", type=int, help="autoscaling pool: most actors")
     r.add_argument("--num-cpus-per-actor", type=float)
-    r.add_argument("--tpu-chips", type=int)
+    r.add_argument("--gpus-per-actor", type=int, help="gpu: GPUs per actor (one mesh)")
+    r.add_argument("--tpu-chips", type=int, help="tpu: chips per actor (default: a whole host)")
+    r.add_argument("--tpu-topology", help="tpu: slice topology, e.g. 2x4 (with "
+                                          "--accelerator-type TPU-V6E)")
     r.add_argument("--accelerator-type")
     m = p.add_argument_group("run")
     m.add_argument("--resume", action="store_true", default=None,
@@ -60,6 +66,15 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="replace an existing output")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="plain progress lines (default: on when stderr is not a terminal)")
+
+
+def _mesh(text: str) -> dict[str, int]:
+    """'2x4' -> {"data": 2, "model": 4}."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a mesh shape; write DATAxMODEL with positive counts, e.g. 2x4")
+    return {"data": int(parts[0]), "model": int(parts[1])}
 
 
 def section_of(dest: str) -> str | None:

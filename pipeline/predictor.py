@@ -8,6 +8,7 @@ gone (out of memory, lost device) are raised so Ray retries the batch on a fresh
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
 LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
 BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
+PLACEMENT = "__placement"  # per-row copy of the actor's mesh and parameter bytes (JSON), stripped
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
 
@@ -45,6 +47,7 @@ class GenSettings:
     top_p: float | None
     seed: int
     stop: tuple[str, ...] | None
+    mesh: tuple[int, int] | None  # (data, model); None = chosen from devices and model size
     schema: pa.Schema  # the output schema (id, contract columns, carried columns)
 
     @classmethod
@@ -55,7 +58,8 @@ class GenSettings:
             instruction=spec.instruction, summary_words=spec.summary_words,
             max_prompt_tokens=spec.max_prompt_tokens, long_document=spec.long_document,
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None, schema=schema)
+            top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
+            mesh=spec.mesh.shape if spec.mesh else None, schema=schema)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -81,7 +85,8 @@ class Predictor:
         self.s = settings
         fmt = None if settings.prompt_format == "auto" else settings.prompt_format
         t0 = time.perf_counter()
-        self.model = load_model(settings.model, dtype=settings.dtype, prompt_format=fmt)
+        self.model = load_model(settings.model, dtype=settings.dtype, prompt_format=fmt,
+                                mesh_shape=settings.mesh)
         self.load_s = time.perf_counter() - t0
         if self.model.tokenizer is None:
             raise RuntimeError(f"model {settings.model} has no tokenizer; it cannot read text")
@@ -101,6 +106,9 @@ class Predictor:
         )
         self.stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
         self.model_name = settings.model
+        info = self.model.info
+        self.placement = json.dumps({"mesh": info.get("mesh"),
+                                     "param_bytes_per_device": info.get("param_bytes_per_device")})
 
     def _generate(self, prompts: list[list[int]]) -> list[Any]:
         s = self.s
@@ -194,4 +202,5 @@ class Predictor:
                 arrays.append(pa.nulls(n, field.type))
         table = pa.Table.from_arrays(arrays, schema=schema)
         table = table.append_column(LATENCY, pa.array([latency] * n, pa.float64()))
+        table = table.append_column(PLACEMENT, pa.array([self.placement] * n, pa.string()))
         return table.append_column(BATCH, pa.array([uuid.uuid4().hex] * n, pa.string()))

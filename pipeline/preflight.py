@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import ray_env
 from pipeline.errors import InputError, JobError
 from pipeline.output import CONTRACT_FIELDS, RESERVED, Mode, OutputDir
 from pipeline.spec import JobSpec
@@ -84,9 +85,48 @@ def check_model_source(source: str) -> None:
         raise InputError(str(e).splitlines()[0]) from None
 
 
+def check_placement(spec: JobSpec) -> None:
+    """Refuses a mesh that does not cover an actor's devices, and a model that the devices of
+    one actor cannot hold (from the config alone: no weights are read)."""
+    from model.checkpoints import CheckpointError, config_of
+    from model.sharding import chips_needed
+
+    n = ray_env.devices_per_actor(spec)
+    if n is None:  # CPU actors: the devices their process sees, checked when the model loads
+        return
+    r = spec.resources
+    what, knob = ("GPUs", "gpus_per_actor") if r.accelerator == "gpu" else ("TPU chips",
+                                                                           "tpu_chips")
+    m = spec.mesh
+    if m is not None and m.data * m.model != n:
+        raise InputError(
+            f"mesh {m.data}x{m.model} spans {m.data * m.model} devices but each actor holds {n} "
+            f"{what}; make data x model = {n}, or leave mesh out to have it chosen")
+    device_bytes = ray_env.device_memory_bytes(spec)
+    try:
+        cfg = config_of(spec.model) if device_bytes else None
+    except CheckpointError as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    if cfg is None:
+        return
+    dtype = spec.dtype or "bfloat16"  # the default off CPU
+    param_bytes = cfg.num_params() * (4 if dtype in ("float32", "fp32") else 2)
+    need = chips_needed(param_bytes, device_bytes)
+    size = (f"model {spec.model} ({param_bytes / 1e9:.1f} GB of {dtype} parameters) needs "
+            f"{need} {what} of {device_bytes / 2**30:.0f} GiB ({r.accelerator_type})")
+    if need > n:
+        raise InputError(f"{size}, but each actor holds {n}; set resources.{knob} to at least "
+                         f"{need}")
+    if m is not None and m.model < need:
+        raise InputError(f"{size}, but mesh {m.data}x{m.model} splits it over {m.model}; use a "
+                         f"model axis of at least {need}, or leave mesh out")
+
+
 def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
-    """Checks model source, output state and every input shard; returns the plan."""
+    """Checks model source, device placement, output state and every input shard; returns the
+    plan."""
     check_model_source(spec.model)
+    check_placement(spec)
     out = OutputDir(spec.output)
     mode = out.mode(overwrite=spec.overwrite, resume=spec.resume)
     shards = list_shards(spec.input)

@@ -33,11 +33,12 @@ class Compacted:
 class AttemptStats:
     """What this attempt generated (a resumed run counts only its own rows)."""
 
-    rows_generated: int
-    output_tokens: int
-    wall_s: float
-    latencies: list[float]  # per batch, seconds inside generate
     mode: str
+    rows_generated: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    latencies: list[float] = dataclasses.field(default_factory=list)  # per batch, s in generate
+    placements: set[str] = dataclasses.field(default_factory=set)  # actors' mesh info (JSON)
 
 
 def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int) -> Compacted:
@@ -108,11 +109,23 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "batch_latency_p50_s": _round(_percentile(lat, 0.5)),
         "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
         "model": spec.model,
+        **_placement(a.placements),
         "output_files": c.names,
         "mode": a.mode,
         "spec": json.loads(spec.model_dump_json()),
         "versions": _versions(),
     }
+
+
+def _placement(placements: set[str]) -> dict[str, Any]:
+    """The mesh and per-device parameter bytes the actors used (a list when they differ)."""
+    found = [json.loads(p) for p in sorted(placements)]
+    if not found:
+        return {"mesh": None, "param_bytes_per_device": None}
+    if len(found) == 1:
+        return found[0]
+    return {"mesh": [f["mesh"] for f in found],
+            "param_bytes_per_device": [f["param_bytes_per_device"] for f in found]}
 
 
 def _add_counts(into: dict[str, int], col: pa.ChunkedArray) -> None:

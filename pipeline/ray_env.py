@@ -3,12 +3,14 @@ Ray Data settings a batch job runs with (quiet context, light repartition tasks)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 from typing import Any
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.spec import JobSpec
 
 READ_TASK_CPUS = 0.25  # reading is light; never let it compete with generator actors
@@ -61,15 +63,81 @@ def actor_options(spec: JobSpec, cluster_cpus: float) -> dict[str, Any]:
         opts["num_cpus"] = r.num_cpus_per_actor or max(0.1, min(1.0, free / r.pool_max))
     elif r.accelerator == "gpu":
         opts["num_cpus"] = r.num_cpus_per_actor or 1
-        opts["num_gpus"] = 1
+        opts["num_gpus"] = r.gpus_per_actor
     else:
         opts["num_cpus"] = r.num_cpus_per_actor or 1
-        opts["resources"] = {"TPU": r.tpu_chips}
+        tpu = tpu_layout(spec)
+        opts["resources"] = {"TPU": tpu.chips_per_actor}
+        if tpu.whole_slice:
+            opts["resources"][f"TPU-{tpu.pod_type}-head"] = 1  # one actor per slice
+    if r.extra_resources:
+        opts["resources"] = {**opts.get("resources", {}), **r.extra_resources}
     if r.accelerator_type:
         opts["accelerator_type"] = r.accelerator_type
     opts["max_restarts"] = r.max_restarts
     opts["max_task_retries"] = r.max_task_retries
     return opts
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLayout:
+    """How TPU actors sit on a slice's hosts."""
+
+    chips_per_actor: int
+    chips_per_host: int | None  # None: no topology given
+    hosts: int | None
+    pod_type: str | None  # e.g. "v6e-8", as Ray's TPU-<pod type>-head resource names it
+
+    @property
+    def whole_slice(self) -> bool:
+        """One actor holds every chip of a single-host slice."""
+        return self.hosts == 1 and self.chips_per_actor == self.chips_per_host
+
+
+def tpu_layout(spec: JobSpec) -> TpuLayout:
+    """Chips per TPU actor: `tpu_chips`, else every chip of a host of `tpu_topology` (sized by
+    Ray's own TPU support), else Ray's default host of 4 chips."""
+    r = spec.resources
+    if not r.tpu_topology:
+        return TpuLayout(r.tpu_chips or 4, None, None, None)
+    from ray.util import tpu
+
+    try:
+        hosts, per_host = tpu.get_tpu_worker_resources(r.tpu_topology, r.accelerator_type)
+        pod = tpu.infer_tpu_pod_type_from_topology(r.tpu_topology, r.accelerator_type)
+    except ValueError as e:
+        raise InputError(f"resources: tpu_topology {r.tpu_topology!r} with accelerator_type "
+                         f"{r.accelerator_type!r}: {e}") from None
+    host = int(per_host["TPU"])
+    chips = r.tpu_chips or host
+    if chips > host:
+        raise InputError(f"resources: tpu_chips={chips} but a host of a {pod} slice has {host} "
+                         f"chips; use tpu_chips <= {host} (one actor cannot span hosts)")
+    return TpuLayout(chips, host, hosts, pod)
+
+
+# Memory of one device by Ray accelerator type (GiB; nominal HBM per chip / per GPU).
+DEVICE_MEMORY_GIB = {
+    "TPU-V4": 32, "TPU-V5LITEPOD": 16, "TPU-V5P": 95, "TPU-V6E": 32,
+    "T4": 16, "V100": 16, "L4": 24, "A10G": 24, "A100": 40, "A100-40G": 40, "A100-80G": 80,
+    "H100": 80, "H200": 141,
+}
+
+
+def device_memory_bytes(spec: JobSpec) -> int | None:
+    """Memory of one of an actor's devices, from its accelerator type (None: unknown)."""
+    gib = DEVICE_MEMORY_GIB.get((spec.resources.accelerator_type or "").upper())
+    return gib * 2**30 if gib else None
+
+
+def devices_per_actor(spec: JobSpec) -> int | None:
+    """Accelerator devices each actor holds (None on CPU: the devices its process sees)."""
+    r = spec.resources
+    if r.accelerator == "gpu":
+        return r.gpus_per_actor
+    if r.accelerator == "tpu":
+        return tpu_layout(spec).chips_per_actor
+    return None
 
 
 def cluster_cpus() -> float:

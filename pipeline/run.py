@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pipeline import ray_env
 from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
-from pipeline.predictor import BATCH, LATENCY, GenSettings, Predictor
+from pipeline.predictor import BATCH, LATENCY, PLACEMENT, GenSettings, Predictor
 from pipeline.preflight import Plan, preflight
 from pipeline.progress import Progress
 from pipeline.publish import AttemptStats, compact_parts, run_summary
@@ -61,10 +61,11 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
     todo = plan.total_rows - len(plan.done_ids)
     prog = Progress(todo, enabled=(progress if progress is not None else not sys.stderr.isatty()))
     t_gen = time.perf_counter()
-    latencies: list[float] = []
+    stats = AttemptStats(mode=mode)
     if todo > 0 and plan.units:
-        latencies = _generate_and_commit(spec, plan, out, attempt, prog, debug, on_commit)
-    stats = AttemptStats(prog.rows, prog.tokens, time.perf_counter() - t_gen, latencies, mode)
+        _generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+    stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
+    stats.wall_s = time.perf_counter() - t_gen
     compacted = compact_parts(out, plan, spec.rows_per_output_shard)
     summary = run_summary(spec, plan, compacted, stats)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
@@ -73,10 +74,10 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
 
 
 def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str, prog: Progress,
-                         debug: bool, on_commit: Callable[[pa.Table], None] | None
-                         ) -> list[float]:
-    """Streams the pipeline's batches and commits each as a part; returns per-batch latencies."""
-    latencies: list[float] = []
+                         stats: AttemptStats, debug: bool,
+                         on_commit: Callable[[pa.Table], None] | None) -> None:
+    """Streams the pipeline's batches and commits each as a part; notes their latencies and the
+    actors' placements in `stats`."""
     kill_after = int(os.environ.get(_KILL_AFTER_PARTS_ENV, "0") or 0)
     seq = 0
     ray_env.ensure_ray(debug)
@@ -87,8 +88,9 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
                 continue
             per_batch = dict(zip(batch.column(BATCH).to_pylist(),
                                  batch.column(LATENCY).to_pylist()))
-            latencies.extend(per_batch.values())
-            table = batch.drop_columns([LATENCY, BATCH])
+            stats.latencies.extend(per_batch.values())
+            stats.placements.update(batch.column(PLACEMENT).unique().to_pylist())
+            table = batch.drop_columns([LATENCY, BATCH, PLACEMENT])
             if seq == 0 and not plan.resumed:
                 out.write_run_record(json.loads(spec.model_dump_json()), attempt)
             out.commit(attempt, seq, table)
@@ -113,7 +115,6 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
         raise JobError(f"generation failed: {root_cause(e)} ({kept})") from e
     finally:
         prog.stop()
-    return latencies
 
 
 def _batches(spec: JobSpec, plan: Plan, debug: bool) -> Iterator[pa.Table]:

@@ -39,13 +39,27 @@ class SamplingSpec(BaseModel):
     )
 
 
+class MeshSpec(BaseModel):
+    """The device mesh of each actor's model: `data` x `model` devices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: int = Field(ge=1, description="Devices along the data axis (decode slots split).")
+    model: int = Field(ge=1, description="Devices along the model axis (heads, MLP, vocab).")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data, self.model)
+
+
 class ResourceSpec(BaseModel):
     """Where and how many generator actors run."""
 
     model_config = ConfigDict(extra="forbid")
 
     accelerator: Literal["cpu", "gpu", "tpu"] = Field(
-        "cpu", description="cpu: num_cpus per actor; gpu: one GPU per actor; tpu: one TPU host."
+        "cpu", description="cpu: CPUs only; gpu: gpus_per_actor GPUs per actor; tpu: tpu_chips "
+                           "chips per actor (default: every chip of a host)."
     )
     num_actors: int | None = Field(
         1, ge=1, description="Fixed pool size; set to null and use min/max_actors to autoscale."
@@ -55,9 +69,23 @@ class ResourceSpec(BaseModel):
     num_cpus_per_actor: float | None = Field(
         None, gt=0, description="CPUs reserved per actor; default leaves CPUs for reading."
     )
-    tpu_chips: int = Field(4, ge=1, description="TPU chips per actor (one host) when tpu.")
+    gpus_per_actor: int = Field(
+        1, ge=1, description="gpu: GPUs per actor; the actor's model runs on a mesh over them."
+    )
+    tpu_chips: int | None = Field(
+        None, ge=1, description="tpu: chips per actor (fewer than a host's: several actors per "
+                                "host); None = every chip of one host."
+    )
+    tpu_topology: str | None = Field(
+        None, description="tpu: the slice topology, e.g. '2x4' (with accelerator_type "
+                          "'TPU-V6E'); sizes actors to its hosts with Ray's TPU support."
+    )
     accelerator_type: str | None = Field(
-        None, description="Ray accelerator type, e.g. 'A100' or 'TPU-V5E' (optional)."
+        None, description="Ray accelerator type label, e.g. 'L4', 'A100', 'H100', "
+                          "'TPU-V5LITEPOD', 'TPU-V6E' (optional)."
+    )
+    extra_resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources each actor claims, e.g. {'large_host': 1}."
     )
     max_restarts: int = Field(3, ge=0, description="Times a crashed actor is restarted.")
     max_task_retries: int = Field(
@@ -76,6 +104,11 @@ class ResourceSpec(BaseModel):
             self.num_actors = None
         elif self.num_actors is None:
             raise ValueError("set num_actors, or min_actors and max_actors")
+        if self.accelerator != "tpu" and (self.tpu_chips or self.tpu_topology):
+            raise ValueError("tpu_chips/tpu_topology only apply to accelerator 'tpu'")
+        if self.tpu_topology and not (self.accelerator_type or "").startswith("TPU-"):
+            raise ValueError("tpu_topology needs accelerator_type, e.g. 'TPU-V6E' or "
+                             "'TPU-V5LITEPOD'")
         return self
 
     @property
@@ -125,6 +158,9 @@ class JobSpec(BaseModel):
     long_document: Literal["error", "truncate"] = Field(
         "error", description="A too-long document: error row, or keep its beginning."
     )
+    mesh: MeshSpec | None = Field(
+        None, description="Each actor's device mesh {data, model}; None = chosen from its "
+                          "device count and the model's size (data parallel when it fits one).")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Actor pool.")
     batch_size: int = Field(

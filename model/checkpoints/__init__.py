@@ -1,11 +1,13 @@
-"""Model sources: `resolve` (what a source names), `check` (loadable, without reading weights)
-and `load` (config, parameters, tokenizer), plus one reader per checkpoint format.
+"""Model sources: `resolve` (what a source names), `check` (loadable, without reading weights),
+`config_of` (its config, without weights) and `load` (config, parameters, tokenizer), plus one
+reader per checkpoint format.
 
-Importing this package, `resolve` and `check` do not import JAX; `load` imports it when called.
+Importing this package, `resolve`, `check` and `config_of` do not import JAX; `load` imports it
+when called.
 """
 
 from model.checkpoints.load import Loaded, load
-from model.checkpoints.source import Source, check, resolve
+from model.checkpoints.source import Source, check, config_of, resolve
 from model.errors import CheckpointError
 
-__all__ = ["Source", "Loaded", "resolve", "check", "load", "CheckpointError"]
+__all__ = ["Source", "Loaded", "resolve", "check", "config_of", "load", "CheckpointError"]

@@ -12,10 +12,13 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from model.config import DEFAULT_MODEL, PRESETS
 from model.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 Kind = Literal["random", "embedded", "gguf", "hf", "orbax"]
 ORBAX_MARKERS = ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")
@@ -99,17 +102,34 @@ def check(source: str | Path | Source) -> Source:
 
         check_embedded()
     elif src.kind == "gguf":
-        from model.checkpoints.gguf_format import open_gguf
-        from model.config import GemmaConfig
-
-        g = open_gguf(src.path)
-        GemmaConfig.from_gguf_metadata(g.metadata, {t.name: t.shape for t in g.tensors},
-                                       str(src.path))
+        config_of(src)
     elif src.kind == "hf":
         c = read_config_json(src.path)
         if "model_type" in c:  # without one, the loader says so (where the job reports it)
             hf_config(src.path, c)
     return src
+
+
+def config_of(source: str | Path | Source) -> "ModelConfig | None":
+    """The config a source describes, read without weights (what sizing a job needs); None for
+    an Orbax directory, whose config comes from its parameter tree.
+
+    Raises:
+      CheckpointError: as `check`.
+    """
+    src = resolve(source)
+    if src.kind in ("random", "embedded"):
+        return PRESETS[src.name]
+    if src.kind == "gguf":
+        from model.checkpoints.gguf_format import open_gguf
+        from model.config import GemmaConfig
+
+        g = open_gguf(src.path)
+        return GemmaConfig.from_gguf_metadata(g.metadata, {t.name: t.shape for t in g.tensors},
+                                              str(src.path))
+    if src.kind == "hf":
+        return hf_config(src.path, read_config_json(src.path))
+    return None
 
 
 def read_config_json(directory: Path) -> dict[str, Any]:
