@@ -113,7 +113,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "sampling": {"max_new_tokens": args.max_new_tokens}, "overwrite": True}, "demo")
         print(f"gemma-batch demo: summarising {len(rows)} documents with {model} on local Ray "
               f"(output: {args.output})", file=sys.stderr)
-        summary = run_job(spec, progress=True, debug=args.debug)
+        summary = run_job(spec, progress=None, debug=args.debug)  # bar on a terminal
     import pandas as pd
 
     df = pd.read_parquet(args.output) if "://" not in args.output else None

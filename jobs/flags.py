@@ -65,7 +65,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="plain progress lines (default: on when stderr is not a terminal)")
+                   help="--progress: plain progress lines; --no-progress: none (default: a bar on "
+                        "a terminal, plain lines elsewhere)")
 
 
 def _mesh(text: str) -> dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.phases import PhaseReporter, phase_text
 from pipeline.prompts import Prompt, PromptBuilder, PromptSettings, default_stop
 from pipeline.spec import JobSpec
 
@@ -49,9 +50,11 @@ class GenSettings:
     stop: tuple[str, ...] | None
     mesh: tuple[int, int] | None  # (data, model); None = chosen from devices and model size
     schema: pa.Schema  # the output schema (id, contract columns, carried columns)
+    phase_board: str | None = None  # named Ray actor the actor reports its phase to
 
     @classmethod
-    def of(cls, spec: JobSpec, schema: pa.Schema) -> "GenSettings":
+    def of(cls, spec: JobSpec, schema: pa.Schema,
+           phase_board: str | None = None) -> "GenSettings":
         s = spec.sampling
         return cls(
             model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
@@ -59,7 +62,7 @@ class GenSettings:
             max_prompt_tokens=spec.max_prompt_tokens, long_document=spec.long_document,
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
-            mesh=spec.mesh.shape if spec.mesh else None, schema=schema)
+            mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -83,6 +86,9 @@ class Predictor:
         from model import load_model
 
         self.s = settings
+        self.report = PhaseReporter(settings.phase_board)
+        self.report(phase_text("load"))
+        self._calls = 0
         fmt = None if settings.prompt_format == "auto" else settings.prompt_format
         t0 = time.perf_counter()
         self.model = load_model(settings.model, dtype=settings.dtype, prompt_format=fmt,
@@ -138,6 +144,7 @@ class Predictor:
             (p.error_kind or "prompt", p.error or "") if p.ids is None else None for p in prompts]
         todo = [i for i in range(n) if prompts[i].ids is not None]
         t0 = time.perf_counter()
+        stop_watch = self._watch_first_compiles([len(prompts[i].ids) for i in todo])
         if todo:
             try:
                 gens = self._generate([prompts[i].ids for i in todo])
@@ -154,8 +161,25 @@ class Predictor:
                         if is_fatal(e1):
                             raise
                         errors[i] = ("generation", f"generation failed: {_short(e1)}")
+            finally:
+                stop_watch()
         latency = time.perf_counter() - t0
         return self._table(batch, prompts, results, errors, latency)
+
+    def _watch_first_compiles(self, lengths: list[int]) -> Any:
+        """On this actor's first batch: reports how many programs it may compile, then each
+        compile as it lands (the driver shows it until the first row). Returns a stopper."""
+        self._calls += 1
+        if self._calls > 1 or not lengths:
+            return lambda: None
+        from model.engine import plan_programs
+
+        engine = self.model.engine
+        planned = len(plan_programs(lengths, self.s.max_new_tokens,
+                                    max(1, min(len(lengths), engine.buckets.max_batch)),
+                                    engine.buckets, stop_strings=bool(self.stop)))
+        self.report(phase_text("compile", n=planned))
+        return self.report.watch_compiles(lambda: engine.compile_log.count, planned)
 
     def _table(self, batch: pa.Table, prompts: list[Prompt], results: list[Any],
                errors: list[tuple[str, str] | None], latency: float) -> pa.Table:

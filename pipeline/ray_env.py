@@ -146,12 +146,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def quiet_data_context(debug: bool) -> None:
-    """Ray Data's progress bars on a terminal only; its logs and advice only with --debug."""
+def quiet_data_context(debug: bool, ray_bars: bool = True) -> None:
+    """Ray Data's progress bars on a terminal only, and not when ours is shown (`ray_bars=False`);
+    its logs and advice only with --debug."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = ray_bars and sys.stderr.isatty()
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = debug
     if not debug:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 import warnings
@@ -25,9 +24,10 @@ import pyarrow.compute as pc
 from pipeline import ray_env
 from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
+from pipeline.phases import PhaseBoard, phase_text
 from pipeline.predictor import BATCH, LATENCY, PLACEMENT, GenSettings, Predictor
 from pipeline.preflight import Plan, preflight
-from pipeline.progress import Progress
+from pipeline.progress import Progress, choose_mode
 from pipeline.publish import AttemptStats, compact_parts, run_summary
 from pipeline.read import ReadSettings, read_batch, read_unit, unit_to_json
 from pipeline.spec import JobSpec
@@ -59,7 +59,7 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         out.clear_ours()
     attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     todo = plan.total_rows - len(plan.done_ids)
-    prog = Progress(todo, enabled=(progress if progress is not None else not sys.stderr.isatty()))
+    prog = Progress(todo, mode=choose_mode(progress))
     t_gen = time.perf_counter()
     stats = AttemptStats(mode=mode)
     if todo > 0 and plan.units:
@@ -80,10 +80,11 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
     actors' placements in `stats`."""
     kill_after = int(os.environ.get(_KILL_AFTER_PARTS_ENV, "0") or 0)
     seq = 0
-    ray_env.ensure_ray(debug)
-    prog.start()
+    board = _start_ray(prog, debug)
+    r = spec.resources
+    prog.set_phase(phase_text("actors", n=r.num_actors or r.min_actors))
     try:
-        for batch in _batches(spec, plan, debug):
+        for batch in _batches(spec, plan, debug, board.name, prog.mode == "bar"):
             if batch.num_rows == 0:
                 continue
             per_batch = dict(zip(batch.column(BATCH).to_pylist(),
@@ -114,15 +115,33 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
                 "with --resume") if prog.rows or plan.resumed else "nothing was written"
         raise JobError(f"generation failed: {root_cause(e)} ({kept})") from e
     finally:
+        board.close()
         prog.stop()
 
 
-def _batches(spec: JobSpec, plan: Plan, debug: bool) -> Iterator[pa.Table]:
+def _start_ray(prog: Progress, debug: bool) -> PhaseBoard:
+    """Starts the progress display, then Ray (its phase shown), then the actors' phase board."""
+    prog.start()
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            prog.set_phase(phase_text("ray_connect" if os.environ.get("RAY_ADDRESS")
+                                      else "ray_start"))
+        ray_env.ensure_ray(debug)
+        return PhaseBoard(prog.set_phase)
+    except BaseException:
+        prog.stop()
+        raise
+
+
+def _batches(spec: JobSpec, plan: Plan, debug: bool, phase_board: str | None = None,
+             own_bar: bool = False) -> Iterator[pa.Table]:
     """Builds the Ray Data pipeline (read -> one block per batch -> actors) and yields its
     finished output batches."""
     import ray.data
 
-    ray_env.quiet_data_context(debug)
+    ray_env.quiet_data_context(debug, ray_bars=not own_bar)
     rs = ReadSettings.of(spec, plan)
     units = plan.units
     if all(not u.url.startswith("memory://") for u in units):
@@ -141,7 +160,7 @@ def _batches(spec: JobSpec, plan: Plan, debug: bool) -> Iterator[pa.Table]:
         # max_restarts / max_task_retries have no named parameter yet; we want them explicit
         # (Ray Data's default retries forever, which loops on a batch that kills every actor).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        gs = GenSettings.of(spec, plan.output_schema())
+        gs = GenSettings.of(spec, plan.output_schema(), phase_board)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"settings": gs},
                             batch_size=spec.batch_size, batch_format="pyarrow",
                             **ray_env.actor_options(spec, ray_env.cluster_cpus()))
