@@ -10,11 +10,21 @@ import argparse
 from typing import Any
 
 from model.config import DEFAULT_MODEL
-from pipeline.spec import JobSpec, ResourceSpec, SamplingSpec, SpecError, build_spec, load_spec_file
+from pipeline.spec import (
+    IncrementalSpec,
+    JobSpec,
+    ResourceSpec,
+    SamplingSpec,
+    SpecError,
+    build_spec,
+    load_spec_file,
+)
 
 # Spec sections a flag can set, by the dest of the flag (= the field name).
-_SECTIONS: dict[str, type] = {"sampling": SamplingSpec, "resources": ResourceSpec}
-_TOP = {name for name, f in JobSpec.model_fields.items() if name not in _SECTIONS}
+_SECTIONS: dict[str, type] = {"sampling": SamplingSpec, "resources": ResourceSpec,
+                              "incremental": IncrementalSpec}
+_SWITCHES = {"incremental"}  # sections that a flag of their own name turns on (--incremental)
+_TOP = {name for name in JobSpec.model_fields if name not in _SECTIONS or name in _SWITCHES}
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +74,10 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run: only ids not yet committed are generated")
     m.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output")
+    m.add_argument("--incremental", action="store_true", default=None,
+                   help="generate only rows that are new or changed since earlier runs (a "
+                        "ledger of ids and content hashes, by default _LEDGER beside the output)")
+    m.add_argument("--ledger", metavar="URL", help="with --incremental: the ledger directory")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="--progress: plain progress lines; --no-progress: none (default: a bar on "
                         "a terminal, plain lines elsewhere)")
@@ -90,9 +104,15 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Spec file (if any) overlaid with the flags that were given; raises SpecError."""
     data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
     where = f"spec {args.spec}" if args.spec else "flags"
+    for switch in _SWITCHES:  # `incremental: true` or --incremental: the section, as a dict
+        on = data.get(switch)
+        fields = _SECTIONS[switch].model_fields
+        if on is True or getattr(args, switch, None) or any(
+                getattr(args, f, None) is not None for f in fields):
+            data[switch] = on if isinstance(on, dict) else {}
     for key, value in vars(args).items():
         section = section_of(key)
-        if value is None or section is None:
+        if value is None or section is None or key in _SWITCHES:
             continue
         if key == "input" and isinstance(value, list):
             value = value[0] if len(value) == 1 else value

@@ -7,6 +7,9 @@ rendered from the spec's template: `{date}` (YYYY-MM-DD), `{time}` (HHMMSS), `{d
 run writes its own directory. A tick that comes while the previous run is still going is skipped
 (and logged), never stacked. Ticks missed while the scheduler was down are not replayed. A state
 file records every run, so a restarted scheduler carries on counting and never repeats a tick.
+With `--incremental` (the spec's `incremental`), every run generates only the rows that no
+earlier run produced with the same content and settings; the ledger is kept beside the outputs
+(`_LEDGER/` in the directory above the template's first placeholder) unless the spec names one.
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ def check_template(spec: JobSpec) -> None:
         raise SpecError(f"output {spec.output!r} is the same for every scheduled run; put "
                         "{date}, {datetime} or {run} in it (e.g. gs://b/out/{date}/), or set "
                         "overwrite: true")
+    if spec.incremental is not None and not any("{" + f + "}" in spec.output for f in _FIELDS):
+        raise SpecError(f"output {spec.output!r} is the same for every incremental run, so each "
+                        "run would replace the rows earlier runs produced; put {date} or {run} "
+                        "in it (e.g. gs://b/out/{date}/)")
+
+
+def run_ledger(spec: JobSpec) -> str | None:
+    """The ledger every incremental run of `spec` shares (None when not incremental)."""
+    if spec.incremental is None:
+        return None
+    if spec.incremental.ledger:
+        return spec.incremental.ledger
+    from pipeline.ledger import default_ledger
+
+    return default_ledger(spec.output)
 
 
 @dataclasses.dataclass
@@ -87,7 +105,7 @@ class _LocalLauncher:
     def start(self, spec: JobSpec, job_id: str) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         spec_file = self.log_dir / f"{job_id}.yaml"
-        spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
+        spec_file.write_text(yaml.safe_dump(spec.to_file()))
         log = open(self.log_dir / f"{job_id}.log", "wb")
         self.procs[job_id] = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", "run", str(spec_file), "--progress"],
@@ -136,13 +154,16 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
                  max_runs: int | None = None, state_path: Path | None = None,
                  say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
-                 poll_s: float = 1.0) -> int:
+                 sleep: Callable[[float], None] = time.sleep, poll_s: float = 1.0) -> int:
     """Runs `spec` at every tick of `cron` until `max_runs` runs have started (forever if None).
 
-    With `max_runs`, waits for the last run and returns 0 if every run succeeded, else 1.
+    `now` and `sleep` are the clock the ticks are waited on (tests inject one that jumps);
+    runs' ends are polled every `poll_s` s of real time. With `max_runs`, waits for the last
+    run and returns 0 if every run succeeded, else 1.
     """
     parse_cron(cron)
     check_template(spec)
+    ledger = run_ledger(spec)
     path = state_path or _state_path(spec, cron, None if local else address)
     state = json.loads(path.read_text()) if path.exists() else {"cron": cron, "runs": []}
     runs = [Run(**r) for r in state["runs"]]
@@ -154,7 +175,7 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
     while max_runs is None or started < max_runs:
         fire = next_fire(cron, max(last, now()))
         while (wait := (fire - now()).total_seconds()) > 0:
-            time.sleep(min(wait, poll_s))
+            sleep(min(wait, poll_s))
         last = fire
         for r in runs:
             if r.status in ("RUNNING", "PENDING"):  # a local run of an earlier scheduler: UNKNOWN
@@ -163,7 +184,10 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
             say(f"schedule: tick {fire.isoformat()} skipped: the previous run is still running")
             continue
         number = len(runs) + 1
-        run_spec = spec.model_copy(update={"output": render_output(spec.output, fire, number)})
+        update: dict[str, Any] = {"output": render_output(spec.output, fire, number)}
+        if ledger is not None:  # every run shares the ledger resolved from the template
+            update["incremental"] = spec.incremental.model_copy(update={"ledger": ledger})
+        run_spec = spec.model_copy(update=update)
         job_id = f"gemma-batch-sched-{fire.strftime('%Y%m%dT%H%M%S')}-{number}"
         launcher.start(run_spec, job_id)
         runs.append(Run(fire.isoformat(), number, run_spec.output, job_id))
@@ -177,6 +201,21 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
         while (st := launcher.status(r.job_id)) in ("RUNNING", "PENDING"):
             time.sleep(poll_s)
         r.status = st
-        say(f"schedule: run {r.run} ({r.job_id}) {st}")
+        say(f"schedule: run {r.run} ({r.job_id}) {st}"
+            + (_increment_note(r.output) if ledger is not None and st == "SUCCEEDED" else ""))
     _save(path, {"cron": cron, "runs": [dataclasses.asdict(r) for r in runs]})
     return 0 if all(r.status == "SUCCEEDED" for r in mine) else 1
+
+
+def _increment_note(output: str) -> str:
+    """': 7 rows new or changed, 1 deleted' from a finished incremental run's summary."""
+    from pipeline.output import OutputDir
+
+    try:
+        inc = OutputDir(output).read_json(OutputDir.SUMMARY).get("incremental") or {}
+    except (OSError, ValueError):
+        return ""
+    if not inc:
+        return ""
+    return (f": {inc.get('rows_to_generate', 0)} rows new or changed, {inc.get('unchanged', 0)} "
+            f"unchanged, {inc.get('deleted', 0)} deleted")

@@ -31,6 +31,7 @@ class ReadUnit:
     row_groups: tuple[int, ...]
     first_row: int
     num_rows: int
+    rows: tuple[int, ...] | None = None  # incremental: offsets in the unit to read; None = all
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class Plan:
     carry_schema: pa.Schema  # types of carried columns (output names)
     done_ids: set = dataclasses.field(default_factory=set)
     resumed: bool = False
+    increment: Any = None  # pipeline.ledger.Increment of an incremental run
 
     def output_schema(self) -> pa.Schema:
         fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]
@@ -208,6 +210,10 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     carry, carry_schema = _carry(spec, schemas)
     read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
     plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema)
+    if spec.incremental is not None:  # only rows no earlier run produced (pipeline/ledger.py)
+        from pipeline.ledger import plan_increment
+
+        plan_increment(spec, plan, out, mode)
     if mode == "resume":
         out.check_resume(spec.output_shaping())
         plan.done_ids = out.done_ids()

@@ -114,6 +114,7 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "mode": a.mode,
         "spec": json.loads(spec.model_dump_json()),
         "versions": _versions(),
+        **(plan.increment.summary_fields() if plan.increment is not None else {}),
     }
 
 

@@ -1,5 +1,6 @@
 """Read tasks: one planned unit (row groups of a shard) -> rows shaped for the generator:
-ids (given or derived), prompt text columns, carried columns, minus ids already committed."""
+ids (given or derived), prompt text columns, carried columns, minus ids already committed (and,
+in an incremental run, only the unit's rows the ledger does not hold)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,13 @@ def read_unit(unit: ReadUnit, rs: ReadSettings) -> pa.Table:
         pf = pq.ParquetFile(f)
         present = [c for c in rs.read_columns if c in pf.schema_arrow.names]
         t = pf.read_row_groups(list(unit.row_groups), columns=present)
+    offsets: range | tuple[int, ...] = range(t.num_rows)
+    if unit.rows is not None:  # an incremental run reads only its new or changed rows
+        offsets = unit.rows
+        t = t.take(pa.array(unit.rows, pa.int64()))
     n = t.num_rows
     if rs.id_column is None:
-        ids = pa.array([f"{unit.name}:{unit.first_row + i}" for i in range(n)], pa.string())
+        ids = pa.array([f"{unit.name}:{unit.first_row + i}" for i in offsets], pa.string())
     else:
         ids = t.column(rs.id_column).cast(rs.id_type)
     cols: dict[str, Any] = {"id": ids, TEXT: _as_text(t, rs.text_column, n)}
@@ -89,4 +94,6 @@ def unit_to_json(u: ReadUnit) -> str:
 def unit_from_json(s: str) -> ReadUnit:
     d = json.loads(s)
     d["row_groups"] = tuple(d["row_groups"])
+    if d.get("rows") is not None:
+        d["rows"] = tuple(d["rows"])
     return ReadUnit(**d)

@@ -70,6 +70,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
     summary = run_summary(spec, plan, compacted, stats)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     out.publish(compacted.names, summary)
+    if plan.increment is not None:  # only now: a run killed before publishing marks nothing done
+        plan.increment.record(out, compacted.names, attempt)
     return summary
 
 

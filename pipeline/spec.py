@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.config import DEFAULT_MODEL
 from pipeline.errors import InputError
@@ -50,6 +50,17 @@ class MeshSpec(BaseModel):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.data, self.model)
+
+
+class IncrementalSpec(BaseModel):
+    """Incremental runs: only rows that no earlier run produced with the same content and
+    settings are generated (the ledger's rules: pipeline/ledger.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ledger: str | None = Field(
+        None, description="Ledger directory URL; None = `_LEDGER` beside the outputs (the "
+                          "directory above the output template's first {placeholder}).")
 
 
 class ResourceSpec(BaseModel):
@@ -172,6 +183,14 @@ class JobSpec(BaseModel):
     )
     resume: bool = Field(False, description="Continue a killed run: only missing ids run.")
     overwrite: bool = Field(False, description="Replace an existing output.")
+    incremental: IncrementalSpec | None = Field(
+        None, description="true or {ledger: URL}: generate only rows that are new or changed "
+                          "since earlier runs (a ledger of ids and content hashes); null = all.")
+
+    @field_validator("incremental", mode="before")
+    @classmethod
+    def _incremental_switch(cls, v: Any) -> Any:
+        return {} if v is True else (None if v is False else v)
 
     @model_validator(mode="after")
     def _task_columns(self) -> "JobSpec":
