@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.schedule import run_schedule
 from pipeline.spec import build_spec
@@ -123,3 +124,32 @@ def test_three_incremental_runs_generate_only_new_and_changed_rows(ray_cluster, 
         ["SUCCEEDED"] * 2
     fires = [dt.datetime.fromisoformat(r["fire"]) for r in state["runs"]]
     assert all(f.hour == 2 and f.minute == 0 for f in fires) and fires == sorted(set(fires))
+
+
+def test_incremental_flags_spec_field_and_template_rules(tmp_path):
+    from jobs.cli import build_parser
+    from jobs.flags import spec_from_args
+    from jobs.schedule import check_template, run_ledger
+    from pipeline.spec import SpecError
+
+    parser = build_parser()
+    base = ["schedule", "--input", "gs://b/in/", "--output", "gs://b/sums/{date}/", "--cron",
+            "0 2 * * *"]
+    spec = spec_from_args(parser.parse_args(base + ["--incremental"]))
+    assert spec.incremental is not None and spec.incremental.ledger is None
+    assert run_ledger(spec) == "gs://b/sums/_LEDGER"  # beside the outputs
+    spec = spec_from_args(parser.parse_args(base + ["--ledger", "gs://b/ledgers/sums"]))
+    assert run_ledger(spec) == "gs://b/ledgers/sums"  # --ledger alone turns it on
+    assert spec_from_args(parser.parse_args(base)).incremental is None
+    file = tmp_path / "job.yaml"
+    file.write_text("input: gs://b/in/\noutput: gs://b/sums/{run}/\nincremental: true\n")
+    spec = spec_from_args(parser.parse_args(["run", str(file), "--ledger", "gs://b/L"]))
+    assert spec.incremental.ledger == "gs://b/L"
+    file.write_text("input: gs://b/in/\noutput: gs://b/s/{run}/\nincremental: {ledger: gs://b/K}\n")
+    assert spec_from_args(parser.parse_args(["run", str(file), "--incremental"])).incremental \
+        .ledger == "gs://b/K"  # the switch keeps the file's ledger
+    # Incremental runs each keep their own rows: a fixed output is refused, even with overwrite.
+    fixed = build_spec({"input": "gs://b/in/", "output": "gs://b/sums/", "overwrite": True,
+                        "incremental": True})
+    with pytest.raises(SpecError, match="same for every incremental run"):
+        check_template(fixed)
