@@ -117,3 +117,18 @@ def test_refusals_and_ledger_locations(tmp_path):
     assert ledger.default_ledger("gs://bucket/{date}") == "gs://bucket/_LEDGER"
     with pytest.raises(InputError, match="no parent directory"):
         ledger.default_ledger("gs://bucket")  # a bucket's root: say where the ledger goes
+
+
+def test_ledger_on_gcs(gcs_server):
+    from pipeline.storage import Dir
+
+    base = f"gs://test-bucket/ledger-{os.urandom(4).hex()}"
+    write_corpus(f"{base}/in", shards=1, rows=3)
+    spec, plan, out, _ = _plan(f"{base}/in", f"{base}/out/2026-12-01", id_column="id")
+    rows = _read(spec, plan)
+    Dir(f"{base}/out/2026-12-01").write_table("part-00000.parquet", pa.table({
+        "id": rows.column("id"), "error_kind": pa.nulls(rows.num_rows, pa.string())}))
+    plan.increment.record(out, ["part-00000.parquet"], "r1")
+    assert Dir(f"{base}/out/{ledger.LEDGER_DIR}").exists(ledger.FILE)
+    _, plan, _, _ = _plan(f"{base}/in", f"{base}/out/2026-12-02", id_column="id")
+    assert plan.total_rows == 0 and plan.increment.unchanged == 3
