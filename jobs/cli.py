@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    from pipeline.storage import quiet_library_logs
+
+    quiet_library_logs(debug)  # storage libraries' tracebacks only with --debug
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -39,7 +39,10 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help=f"preset name, HF directory or .gguf file (default {DEFAULT_MODEL})")
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
     g.add_argument("--prompt-format", choices=["auto", "chat", "completion"])
-    g.add_argument("--id-column")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="input column with unique row ids (default: 'id' when the input has "
+                        "one, else ids derived as '<shard>:<row>'); --id-column '' always "
+                        "derives ids")
     g.add_argument("--text-column")
     g.add_argument("--question-column")
     g.add_argument("--context-column")

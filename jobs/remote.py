@@ -98,7 +98,7 @@ def submit(spec: JobSpec, address: str | None = None, job_id: str | None = None,
     client = _client(address)
     workdir = Path(tempfile.mkdtemp(prefix="gemma-batch-submit-"))
     try:
-        body = spec.model_dump(mode="json", exclude_none=True)
+        body = spec.to_file()  # keeps an explicit id_column: null
         (workdir / "job.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
         # Only working_dir (and pip): `gemma-batch run` sets its own env_vars for its workers in
         # ray.init, and Ray refuses a job whose runtime_env sets the same field. Credentials come

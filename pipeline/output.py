@@ -12,8 +12,12 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 
+import posixpath
+import uuid
+
 from pipeline.errors import InputError, JobError
-from pipeline.storage import Dir
+from pipeline.storage import (Dir, StorageUnreachable, check_reachable, connection_cause,
+                              unreachable_message)
 
 Mode = Literal["new", "overwrite", "resume", "finished"]
 
@@ -61,9 +65,12 @@ class OutputDir(Dir):
         Raises InputError for foreign files or an existing run the flags do not address, and
         JobError when the storage cannot be listed.
         """
+        check_reachable(self.url)
         try:
             names = self.ls()
         except (PermissionError, ConnectionError) as e:
+            if (cause := connection_cause(e)) is not None:
+                raise StorageUnreachable(unreachable_message(self.given, cause)) from None
             raise JobError(
                 f"output {self.given}: storage unreachable or refused access: {e}") from None
         foreign = [n for n in names if not self.is_ours(n)]
@@ -84,6 +91,51 @@ class OutputDir(Dir):
         raise InputError(
             f"output {self.given} holds an unfinished run; pass --resume to continue it or "
             "--overwrite to start over")
+
+    def probe_writable(self) -> None:
+        """Writes and removes a small file the way the run writes (`write_bytes`), so that an
+        output that cannot be written is refused before any model loads; folders the probe had
+        to create are removed again (only when still empty). Raises InputError."""
+        created = self._missing_folders()
+        name = f".probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(name, b"gemma-batch write probe\n")
+        except Exception as e:  # noqa: BLE001 - every filesystem raises its own types
+            if (cause := connection_cause(e)) is not None:
+                raise StorageUnreachable(unreachable_message(self.given, cause)) from None
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            raise InputError(
+                f"output {self.given} cannot be written ({type(e).__name__}: {reason}); choose "
+                "a location you can write to, or fix its permissions") from None
+        finally:
+            try:
+                self.fs.rm(self._p(name))
+            except (OSError, ValueError):
+                pass
+            for folder in created:  # deepest first
+                try:
+                    if not self.fs.ls(folder, detail=False):
+                        self.fs.rmdir(folder)
+                except (OSError, ValueError):
+                    pass
+            self.refresh()
+
+    def _missing_folders(self) -> list[str]:
+        """The output folder and its ancestors that do not exist yet, deepest first."""
+        missing: list[str] = []
+        path = self.path.rstrip("/")
+        while path and path not in ("/", "."):
+            try:
+                if self.fs.exists(path):
+                    break
+            except (OSError, ValueError):
+                break
+            missing.append(path)
+            parent = posixpath.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        return missing
 
     # -- the run record and committed parts -------------------------------------------------
 

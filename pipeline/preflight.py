@@ -49,6 +49,7 @@ class Plan:
     done_ids: set = dataclasses.field(default_factory=set)
     resumed: bool = False
     increment: Any = None  # pipeline.ledger.Increment of an incremental run
+    id_column: str | None = None  # the input's id column (None: ids derived from shard and row)
 
     def output_schema(self) -> pa.Schema:
         fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]
@@ -131,6 +132,8 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     check_placement(spec)
     out = OutputDir(spec.output)
     mode = out.mode(overwrite=spec.overwrite, resume=spec.resume)
+    if mode != "finished":
+        out.probe_writable()  # an output that cannot be written is refused before any compute
     shards = list_shards(spec.input)
     out_prefix = out.fs.unstrip_protocol(out.path).rstrip("/") + "/"
     inside = [sh.url for sh in shards if sh.url.startswith(out_prefix)]
@@ -141,6 +144,7 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
         )
     needed = spec.input_columns()
     idc = spec.id_column
+    id_resolved = "id_column" in spec.model_fields_set
     units: list[ReadUnit] = []
     schemas: list[pa.Schema] = []
     id_types: set[str] = set()
@@ -154,6 +158,8 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
             n = pf.metadata.num_rows
             if n == 0:
                 continue  # an empty shard contributes nothing, whatever its columns
+            if not id_resolved:  # unset: the first shard's `id` column, if it has one
+                idc, id_resolved = spec.id_column_for(schema.names), True
             for col in needed:
                 if col not in schema.names:
                     raise InputError(
@@ -169,7 +175,8 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
                 if idc not in schema.names:
                     raise InputError(
                         f"shard {shard.url}: id column {idc!r} not found (columns: "
-                        f"{', '.join(schema.names[:12])}); set id_column, or omit it to derive ids"
+                        f"{', '.join(schema.names[:12])}); name the id column, or set "
+                        "id_column: null (--id-column '') to derive ids"
                     )
                 t = schema.field(idc).type
                 if pa.types.is_integer(t):
@@ -200,6 +207,9 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
             total += n
         finally:
             f.close()
+    # From here on the spec says what the job does: reads, the run record, --resume and the
+    # summary all see the resolved id column (an unset one is now `id` or null).
+    spec.id_column = idc
     if len(id_types) > 1:
         raise InputError(
             f"id column {idc!r} is integer in some shards and string in others; use one type"
@@ -207,9 +217,10 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     if id_chunks:
         _check_unique(idc, id_chunks)
     id_type = pa.int64() if id_types == {"int"} else pa.string()
-    carry, carry_schema = _carry(spec, schemas)
+    carry, carry_schema = _carry(spec, schemas, idc)
     read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
-    plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema)
+    plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema,
+                id_column=idc)
     if spec.incremental is not None:  # only rows no earlier run produced (pipeline/ledger.py)
         from pipeline.ledger import plan_increment
 
@@ -254,7 +265,8 @@ def _check_unique(idc: str, chunks: list[tuple[Shard, pa.ChunkedArray]]) -> None
         )
 
 
-def _carry(spec: JobSpec, schemas: list[pa.Schema]) -> tuple[dict[str, str], pa.Schema]:
+def _carry(spec: JobSpec, schemas: list[pa.Schema],
+           idc: str | None) -> tuple[dict[str, str], pa.Schema]:
     """Input columns copied to the output, renamed when they collide with output columns."""
     if not schemas:
         return {}, pa.schema([])
@@ -262,7 +274,7 @@ def _carry(spec: JobSpec, schemas: list[pa.Schema]) -> tuple[dict[str, str], pa.
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise InputError(f"input shards have conflicting column types: {str(e)[:160]}") from None
-    skip = {spec.text_column, spec.id_column}
+    skip = {spec.text_column, idc}
     if spec.carry_columns is None:
         names = [n for n in unified.names if n not in skip]
     else:
@@ -271,7 +283,7 @@ def _carry(spec: JobSpec, schemas: list[pa.Schema]) -> tuple[dict[str, str], pa.
             raise InputError(
                 f"carry_columns names {missing[0]!r}, which no input shard has; fix carry_columns"
             )
-        names = [c for c in spec.carry_columns if c != spec.id_column]
+        names = [c for c in spec.carry_columns if c != idc]
     carry: dict[str, str] = {}
     fields = []
     for n in names:

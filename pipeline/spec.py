@@ -15,6 +15,7 @@ from model.config import DEFAULT_MODEL
 from pipeline.errors import InputError
 
 Task = Literal["summarize", "answer", "raw"]
+DEFAULT_ID_COLUMN = "id"  # an input column with this name is the id unless the spec says else
 # Spec fields that must match for --resume to continue a run.
 _SHAPING = ("input", "task", "model", "id_column", "text_column", "question_column",
             "context_column", "prompt_format", "instruction", "summary_words")
@@ -145,7 +146,9 @@ class JobSpec(BaseModel):
         "auto", description="auto = chat for instruction-tuned checkpoints, else completion."
     )
     id_column: str | None = Field(
-        None, description="Unique, non-null id per row; None = ids derived from shard and row."
+        None, description="Unique, non-null id per row. Unset: the input's `id` column when it "
+                          "has one, else ids derived from shard and row; null (or ''): always "
+                          "derived ('<shard>:<row>')."
     )
     text_column: str = Field("text", description="Column holding the document / prompt.")
     question_column: str | None = Field(
@@ -187,6 +190,11 @@ class JobSpec(BaseModel):
         None, description="true or {ledger: URL}: generate only rows that are new or changed "
                           "since earlier runs (a ledger of ids and content hashes); null = all.")
 
+    @field_validator("id_column", mode="before")
+    @classmethod
+    def _no_id_column(cls, v: Any) -> Any:
+        return None if v == "" else v  # --id-column '' asks for derived ids
+
     @field_validator("incremental", mode="before")
     @classmethod
     def _incremental_switch(cls, v: Any) -> Any:
@@ -203,6 +211,21 @@ class JobSpec(BaseModel):
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; give at least one Parquet file")
         return self
+
+    def id_column_for(self, columns: list[str]) -> str | None:
+        """The id column for an input with these columns: the one named, none when id_column
+        is set to null, else `id` when the input has it (else ids are derived)."""
+        if "id_column" in self.model_fields_set:
+            return self.id_column
+        return DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in columns else None
+
+    def to_file(self) -> dict[str, Any]:
+        """The spec as a YAML/JSON-ready dict that loads back to the same job (an explicit
+        `id_column: null` is kept: unset and null differ)."""
+        body = self.model_dump(mode="json", exclude_none=True)
+        if "id_column" in self.model_fields_set and self.id_column is None:
+            body["id_column"] = None
+        return body
 
     def output_shaping(self) -> dict[str, Any]:
         """The fields that shape the outputs: --resume continues a run only when they match."""

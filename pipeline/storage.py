@@ -1,6 +1,6 @@
 """Storage through fsspec: filesystems per URL (gs://, s3://, file://, paths, memory://), the
-worker environment that reaches the same storage, listing input shards, and directories with
-atomic writes.
+worker environment that reaches the same storage, whether a store can be reached at all (one
+line with the cause), listing input shards, and directories with atomic writes.
 
 Credentials come from the environment (each library's own conventions) and never enter a URL,
 a log line or an output. `STORAGE_EMULATOR_HOST` points gs:// at an emulator, anonymously, as it
@@ -14,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import posixpath
+import socket
+import time
 import uuid
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Iterable
 
 from pipeline.errors import InputError, JobError
@@ -35,6 +39,11 @@ for _k, _v in ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
 _GLOB_CHARS = set("*?[")
+# Libraries that log a traceback per failed request (gcsfs: "out of retries"); we report one line.
+_CHATTY_LOGGERS = ("gcsfs", "s3fs", "aiobotocore", "botocore", "fsspec", "aiohttp", "urllib3",
+                   "google.auth")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_reachable: set[tuple[str, int]] = set()  # endpoints this process has reached
 
 
 def worker_env() -> dict[str, str]:
@@ -62,6 +71,92 @@ def storage_options(url: str) -> dict[str, Any]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return {"endpoint_url": endpoint} if endpoint else {}
     return {}
+
+
+class StorageUnreachable(InputError):
+    """The storage behind a URL could not be reached at all (network, endpoint, DNS); exit 2."""
+
+
+def quiet_library_logs(debug: bool = False) -> None:
+    """Storage libraries' per-request tracebacks stay off the terminal unless --debug."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
+def endpoint_of(url: str) -> tuple[str, str, int, str] | None:
+    """(storage name, host, port, the variable that sets the endpoint) of a remote URL; None for
+    local paths, memory:// and schemes without a known endpoint."""
+    proto = _protocol(url)
+    if proto in ("gs", "gcs"):
+        name, var = "gs://", "STORAGE_EMULATOR_HOST"
+        where = storage_options(url).get("endpoint_url") or "https://storage.googleapis.com"
+    elif proto in ("s3", "s3a"):
+        name, var = "s3://", "AWS_ENDPOINT_URL_S3"
+        where = storage_options(url).get("endpoint_url") or "https://s3.amazonaws.com"
+    else:
+        return None
+    parts = urlsplit(where if "://" in where else "http://" + where)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return name, parts.hostname or "", port, var
+
+
+def unreachable_message(url: str, cause: str) -> str:
+    """One line: which storage could not be reached, why, and what to check."""
+    ep = endpoint_of(url)
+    name, host, port, var = ep if ep else (url.split("://", 1)[0] + "://", "?", 0, "")
+    check = f"the network, your credentials and {var}" if var else "the network and credentials"
+    return (f"{name} storage at {host}:{port} could not be reached for {url} ({cause}); "
+            f"check {check}")
+
+
+def connection_cause(e: BaseException) -> str | None:
+    """A short cause when `e` (or what it wraps) means the storage was not reached, else None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return f"cannot resolve the host: {e.strerror or e}"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, (socket.timeout, TimeoutError)):
+            return "connection timed out"
+        if isinstance(e, ConnectionError):
+            return f"{type(e).__name__}: {e}"
+        name = type(e).__name__
+        if name in ("ClientConnectorError", "ServerDisconnectedError", "EndpointConnectionError",
+                    "ConnectTimeoutError", "ConnectionClosedError"):
+            return " ".join(str(e).split())[:200] or name
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_reachable(url: str, attempts: int = 3, timeout_s: float = 3.0) -> None:
+    """Refuses a remote URL whose storage endpoint takes no connection (a few bounded tries).
+
+    gcsfs and botocore retry a refused connection for tens of seconds and then report a missing
+    file; this answers in about a second with the real cause. With an HTTP(S) proxy configured
+    the probe is skipped (the connection would not go direct).
+    """
+    ep = endpoint_of(url)
+    if ep is None or any(os.environ.get(v) for v in _PROXY_VARS):
+        return
+    _, host, port, _ = ep
+    if (host, port) in _reachable:
+        return
+    cause = "no attempt"
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.25 * attempt)
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as e:
+            cause = connection_cause(e) or f"{type(e).__name__}: {e}"
+            if isinstance(e, socket.gaierror) and e.errno != socket.EAI_AGAIN:
+                break  # an unknown host stays unknown
+            continue
+        _reachable.add((host, port))
+        return
+    raise StorageUnreachable(unreachable_message(url, cause))
 
 
 def get_fs(url: str):
@@ -104,6 +199,7 @@ def list_shards(inputs: str | list[str]) -> list[Shard]:
     items = [inputs] if isinstance(inputs, str) else list(inputs)
     urls: list[str] = []
     for item in items:
+        check_reachable(item)
         fs, path = get_fs(item)
         try:
             if _GLOB_CHARS & set(path):
@@ -121,6 +217,8 @@ def list_shards(inputs: str | list[str]) -> list[Shard]:
         except (PermissionError, ConnectionError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 found = []
+            elif (cause := connection_cause(e)) is not None:
+                raise StorageUnreachable(unreachable_message(item, cause)) from None
             else:
                 raise JobError(
                     f"input {item!r}: storage is unreachable or refused access: {e}") from None

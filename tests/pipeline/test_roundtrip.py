@@ -50,10 +50,12 @@ def test_round_trip_three_shards(scheme, ray_cluster, tmp_path):
 def test_memory_filesystem_and_derived_ids(ray_cluster):
     """memory:// lives in the driver process only: read there, still one row per input row."""
     ids = write_corpus("memory://rt/in", shards=2, rows=3)
-    summary = run_job(build_spec(tiny_spec("memory://rt/in", "memory://rt/out")), progress=False)
+    # The corpus has an `id` column; id_column: null asks for derived ids all the same.
+    summary = run_job(build_spec(tiny_spec("memory://rt/in", "memory://rt/out", id_column=None)),
+                      progress=False)
     table = read_output("memory://rt/out")
     got = sorted(table.column("id").to_pylist())
-    # No id column: stable ids "<shard>:<row>".
+    # Derived ids: stable "<shard>:<row>".
     assert got == sorted(f"shard-{s}.parquet:{i}" for s in range(2) for i in range(3))
     assert summary["rows_out"] == len(ids) == 6
     assert table.column("lang").to_pylist() == ["en"] * 6 and "text" not in table.column_names

@@ -1,0 +1,65 @@
+"""The first run as a new user makes it: an input column named `id` is the id without any flag,
+`id_column: null` (or --id-column '') derives ids, and the spec ships with that choice intact."""
+
+from __future__ import annotations
+
+import argparse
+
+import pyarrow as pa
+
+from jobs.flags import add_job_flags, spec_from_args
+from pipeline.preflight import preflight
+from pipeline.run import run_job
+from pipeline.spec import build_spec
+
+from pl_helpers import read_output, tiny_spec, write_corpus, write_shard
+
+
+def _flags(*argv: str):
+    p = argparse.ArgumentParser()
+    add_job_flags(p)
+    return spec_from_args(p.parse_args(list(argv)))
+
+
+def test_id_column_default_is_the_inputs_id(tmp_path):
+    ids = write_corpus(str(tmp_path / "in"), shards=2, rows=2)
+    plan, _, _ = preflight(build_spec(tiny_spec(str(tmp_path / "in"), str(tmp_path / "o1"))))
+    assert plan.id_column == "id" and not plan.derived_ids and plan.id_type == pa.string()
+    assert "id" not in plan.carry and "input_id" not in plan.carry.values()
+    assert plan.carry == {"lang": "lang"} and plan.total_rows == len(ids)
+
+    spec = build_spec(tiny_spec(str(tmp_path / "in"), str(tmp_path / "o2"), id_column=None))
+    plan, _, _ = preflight(spec)
+    assert plan.id_column is None and plan.derived_ids and plan.carry["id"] == "input_id"
+
+    # The CLI: no flag = the `id` column; --id-column '' = derived ids.
+    base = ("--input", str(tmp_path / "in"), "--output", str(tmp_path / "o3"))
+    assert preflight(_flags(*base))[0].id_column == "id"
+    assert preflight(_flags(*base, "--id-column", ""))[0].derived_ids
+
+
+def test_no_id_column_derives_ids_and_named_column_wins(tmp_path):
+    write_shard(str(tmp_path / "in" / "a.parquet"),
+                pa.table({"key": [7, 8], "text": ["a", "b"]}))
+    plan, _, _ = preflight(build_spec(tiny_spec(str(tmp_path / "in"), str(tmp_path / "o"))))
+    assert plan.derived_ids and plan.carry == {"key": "key"}
+    plan, _, _ = preflight(build_spec(tiny_spec(str(tmp_path / "in"), str(tmp_path / "o"),
+                                                id_column="key")))
+    assert plan.id_column == "key" and plan.id_type == pa.int64()
+
+
+def test_explicit_null_survives_the_trip_to_a_cluster(tmp_path):
+    """submit and schedule ship `spec.to_file()`: an explicit null stays null, unset stays unset."""
+    null = build_spec(tiny_spec("in/", "out/", id_column=None))
+    assert build_spec(null.to_file()).model_fields_set >= {"id_column"}
+    assert "id_column" not in build_spec(build_spec(tiny_spec("in/", "out/")).to_file()
+                                         ).model_fields_set
+
+
+def test_id_column_id_is_kept_end_to_end(ray_cluster, tmp_path):
+    ids = write_corpus(str(tmp_path / "in"), shards=2, rows=3)
+    out = str(tmp_path / "out")
+    summary = run_job(build_spec(tiny_spec(str(tmp_path / "in"), out)), progress=False)
+    table = read_output(f"{out}/part-00000.parquet")
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert "input_id" not in table.column_names and summary["rows_out"] == len(ids)
