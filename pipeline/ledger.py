@@ -174,7 +174,7 @@ class Increment:
                            f"updated ({str(e)[:160]}); the next run will redo these rows") from e
 
 
-def count(mask: pa.Array | pa.ChunkedArray) -> int:
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
     return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
 
 
@@ -219,7 +219,7 @@ def plan_increment(spec: JobSpec, plan: Plan, out: OutputDir, mode: str) -> None
     todo = j.filter(pc.invert(unchanged))
     if mode == "overwrite":
         here = ledger_same.filter(pc.equal(ledger_same.column("output"), out_url))
-        lost = here.num_rows - count(pc.is_in(here.column("id"),
+        lost = here.num_rows - _count(pc.is_in(here.column("id"),
                                               value_set=_flat(todo.column("id"))))
         if lost > 0:
             raise InputError(f"incremental: the ledger counts {lost} rows of {spec.output} as "
@@ -230,9 +230,9 @@ def plan_increment(spec: JobSpec, plan: Plan, out: OutputDir, mode: str) -> None
     deleted_sorted = sorted(deleted_ids.to_pylist(), key=str)
     plan.increment = Increment(
         ledger=url, output=out_url, settings_hash=sh, input_rows=inp.num_rows,
-        new=count(pc.invert(known)), changed=count(pc.and_(known, pc.invert(same_content))),
-        settings_changed=count(pc.and_(same_content, pc.invert(same_settings))),
-        unchanged=count(unchanged), deleted=len(deleted_sorted),
+        new=_count(pc.invert(known)), changed=_count(pc.and_(known, pc.invert(same_content))),
+        settings_changed=_count(pc.and_(same_content, pc.invert(same_settings))),
+        unchanged=_count(unchanged), deleted=len(deleted_sorted),
         deleted_sample=deleted_sorted[:SAMPLE], todo=todo.select(["id", "content_hash"]),
         previous=ledger_same.filter(pc.is_in(ledger_same.column("id"),
                                              value_set=_flat(inp.column("id")))))
