@@ -44,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=10)
     demo.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     demo.add_argument("--rows", type=int, default=5, help="rows to print")
+    rep = sub.add_parser("report", help="re-render _REPORT.html of a finished output directory",
+                         epilog=EXIT_CODES, formatter_class=fmt)
+    rep.add_argument("output", metavar="OUTPUT", help="output directory (local, gs://, s3://)")
+    rep.add_argument("--to", metavar="FILE", default=None,
+                     help="write the page here instead of OUTPUT/_REPORT.html")
     remote_parsers = add_parsers(sub, EXIT_CODES)
-    for sp in (run, val, demo, *remote_parsers):
+    for sp in (run, val, demo, rep, *remote_parsers):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and Ray logs")
     return parser
@@ -84,6 +89,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "note" in summary:
         print(f"gemma-batch: {summary['note']}", file=sys.stderr)
     _print_done(summary, spec.output)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(f"report: {write_report(args.output, args.to)}")
     return 0
 
 
@@ -138,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo}
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo,
+                "report": _cmd_report}
     handlers.update({c: handle for c in REMOTE_COMMANDS})
     try:
         return handlers[args.command](args)

@@ -77,6 +77,9 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run: only ids not yet committed are generated")
     m.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output")
+    m.add_argument("--retry-errors", action="store_true", default=None,
+                   help="regenerate only the error rows of a finished output (e.g. after "
+                        "raising --max-new-tokens) and republish it")
     m.add_argument("--incremental", action="store_true", default=None,
                    help="generate only rows that are new or changed since earlier runs (a "
                         "ledger of ids and content hashes, by default _LEDGER beside the output)")

@@ -1,14 +1,17 @@
 """The output directory and its rules: what is ours, the run's mode, committed parts (what
 --resume trusts), the run record, publish moves and the final markers; every write is atomic.
 
-Layout of a finished run: `part-NNNNN.parquet` shards, `_SUMMARY.json`, then `_SUCCESS` last.
+Layout of a finished run: `part-NNNNN.parquet` shards, `_ERRORS.parquet` (the error rows),
+`_BATCHES.jsonl` (one record per generate batch), `_REPORT.html`, `_SUMMARY.json`, then `_SUCCESS`
+last.
 While a run goes: `_parts/` holds one committed Parquet part per batch plus `_RUN.json` (the
 spec that started it); `_staging/` holds shards being published.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+import json
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 
@@ -34,6 +37,8 @@ CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("model", pa.string()),
 )
 RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}
+# A committed part's Parquet metadata key holding its generate batches' records (JSON list).
+_BATCHES_KEY = b"gemma_batch.batches"
 
 
 class OutputDir(Dir):
@@ -44,11 +49,15 @@ class OutputDir(Dir):
     SUMMARY = "_SUMMARY.json"
     SUCCESS = "_SUCCESS"
     RUN = "_RUN.json"
+    ERRORS = "_ERRORS.parquet"
+    BATCHES = "_BATCHES.jsonl"
+    REPORT = "_REPORT.html"  # "_": Parquet dataset readers (pandas, pyarrow, Spark) skip it
 
     # -- what is ours, and the run's mode ---------------------------------------------------
 
     def is_ours(self, name: str) -> bool:
-        return name in (self.PARTS, self.STAGING, self.SUMMARY, self.SUCCESS) or (
+        return name in (self.PARTS, self.STAGING, self.SUMMARY, self.SUCCESS, self.ERRORS,
+                        self.BATCHES, self.REPORT) or (
             name.startswith("part-") and name.endswith(".parquet"))
 
     def is_finished(self) -> bool:
@@ -158,9 +167,20 @@ class OutputDir(Dir):
                 f"--resume: this spec differs from the interrupted run in {', '.join(diff)}; "
                 "use the same spec, or --overwrite to start over")
 
-    def commit(self, attempt: str, seq: int, table: pa.Table) -> None:
-        """Commits one finished batch as a part (atomic: a part is whole or absent)."""
+    def commit(self, attempt: str, seq: int, table: pa.Table,
+               batches: list[dict[str, Any]] | None = None) -> None:
+        """Commits one finished batch as a part (atomic: a part is whole or absent); `batches`
+        (its generate batches' records) ride in the part's metadata."""
+        if batches:
+            meta = {**(table.schema.metadata or {}), _BATCHES_KEY: json.dumps(batches).encode()}
+            table = table.replace_schema_metadata(meta)
         self.write_table(f"{self.PARTS}/{attempt}-{seq:06d}.parquet", table)
+
+    @staticmethod
+    def part_batches(part: pa.Table) -> list[dict[str, Any]]:
+        """The batch records a committed part carries (empty when none)."""
+        raw = (part.schema.metadata or {}).get(_BATCHES_KEY)
+        return json.loads(raw) if raw else []
 
     def committed_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The committed parts in name order; unreadable leftovers are skipped."""
@@ -189,11 +209,14 @@ class OutputDir(Dir):
     def stage(self, name: str, table: pa.Table) -> None:
         self.write_table(f"{self.STAGING}/{name}", table)
 
-    def publish(self, names: list[str], summary: dict[str, Any]) -> None:
-        """Moves staged shards in place, writes `_SUMMARY.json`, then `_SUCCESS` last, and drops
-        the parts."""
+    def publish(self, names: list[str], summary: dict[str, Any],
+                side_files: Callable[[], None] | None = None) -> None:
+        """Moves staged shards in place, writes the side files (`side_files`: errors, batch
+        records, report), `_SUMMARY.json`, then `_SUCCESS` last, and drops the parts."""
         for name in names:
             self.move(f"{self.STAGING}/{name}", name)
+        if side_files is not None:
+            side_files()
         self.write_json(self.SUMMARY, summary)
         self.write_bytes(self.SUCCESS, b"")
         self.remove([self.PARTS, self.STAGING])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -26,6 +28,9 @@ TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
 LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
 BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
 PLACEMENT = "__placement"  # per-row copy of the actor's mesh and parameter bytes (JSON), stripped
+ACTOR = "__actor"  # per-row copy of the actor's identity ("host:pid"), stripped by the driver
+BATCH_END = "__batch_end"  # per-row copy of the batch's end time (Unix s), stripped
+HIDDEN = (LATENCY, BATCH, PLACEMENT, ACTOR, BATCH_END)  # what the driver strips before commit
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
 
@@ -74,6 +79,23 @@ def is_fatal(exc: BaseException) -> bool:
         m in msg for m in _FATAL_MARKERS)
 
 
+def batch_records(table: pa.Table) -> list[dict[str, Any]]:
+    """One record per generate batch in an actor's output (from the hidden columns): batch id,
+    actor, end time (Unix s), generate latency (s), rows, prompt/output tokens and errors."""
+    cols = table.select([BATCH, ACTOR, BATCH_END, LATENCY, "prompt_tokens", "output_tokens",
+                         "finish_reason"]).to_pydict()
+    recs: dict[str, dict[str, Any]] = {}
+    for i, b in enumerate(cols[BATCH]):
+        r = recs.setdefault(b, {"batch": b, "actor": cols[ACTOR][i], "end": cols[BATCH_END][i],
+                                "latency_s": round(cols[LATENCY][i], 4), "rows": 0,
+                                "prompt_tokens": 0, "output_tokens": 0, "errors": 0})
+        r["rows"] += 1
+        r["prompt_tokens"] += cols["prompt_tokens"][i] or 0
+        r["output_tokens"] += cols["output_tokens"][i] or 0
+        r["errors"] += cols["finish_reason"][i] == "error"
+    return list(recs.values())
+
+
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split()) or "no message"
     return f"{type(exc).__name__}: {text[:limit]}"
@@ -112,6 +134,7 @@ class Predictor:
         )
         self.stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
         self.model_name = settings.model
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         info = self.model.info
         self.placement = json.dumps({"mesh": info.get("mesh"),
                                      "param_bytes_per_device": info.get("param_bytes_per_device")})
@@ -227,4 +250,6 @@ class Predictor:
         table = pa.Table.from_arrays(arrays, schema=schema)
         table = table.append_column(LATENCY, pa.array([latency] * n, pa.float64()))
         table = table.append_column(PLACEMENT, pa.array([self.placement] * n, pa.string()))
+        table = table.append_column(ACTOR, pa.array([self.actor] * n, pa.string()))
+        table = table.append_column(BATCH_END, pa.array([time.time()] * n, pa.float64()))
         return table.append_column(BATCH, pa.array([uuid.uuid4().hex] * n, pa.string()))

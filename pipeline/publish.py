@@ -1,10 +1,11 @@
 """Publish: committed parts -> output shards deduplicated by id (staged, then moved in place),
-and the run summary written beside them."""
+the side files (`_ERRORS.parquet`, `_BATCHES.jsonl`, `_REPORT.html`) and the run summary."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import platform
 from typing import Any
 
@@ -15,6 +16,9 @@ from pipeline.errors import JobError
 from pipeline.output import OutputDir
 from pipeline.preflight import Plan
 from pipeline.spec import JobSpec
+
+log = logging.getLogger(__name__)
+ERROR_COLUMNS = ("id", "error_kind", "error", "prompt_tokens")  # of `_ERRORS.parquet`
 
 
 @dataclasses.dataclass
@@ -27,6 +31,8 @@ class Compacted:
     finish: dict[str, int] = dataclasses.field(default_factory=dict)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    batches: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the parts' records
+    error_rows: list[pa.Table] = dataclasses.field(default_factory=list)  # ERROR_COLUMNS
 
 
 @dataclasses.dataclass
@@ -63,6 +69,7 @@ def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int) -> Compacted:
         pending, pending_rows = [], 0
 
     for t in out.committed_parts():
+        done.batches.extend(out.part_batches(t))
         ids = t.column("id").to_pylist()
         keep = [i for i, v in enumerate(ids) if v not in seen]
         if len(keep) != len(ids):
@@ -73,6 +80,9 @@ def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int) -> Compacted:
         t = t.select(schema.names).cast(schema)
         _add_counts(done.errors, t.column("error_kind"))
         _add_counts(done.finish, t.column("finish_reason"))
+        errs = t.filter(pc.equal(t.column("finish_reason"), "error"))
+        if errs.num_rows:
+            done.error_rows.append(errs.select(list(ERROR_COLUMNS)))
         done.prompt_tokens += pc.sum(t.column("prompt_tokens")).as_py() or 0
         done.output_tokens += pc.sum(t.column("output_tokens")).as_py() or 0
         pending.append(t)
@@ -111,6 +121,9 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "model": spec.model,
         **_placement(a.placements),
         "output_files": c.names,
+        "errors_file": OutputDir.ERRORS,
+        "batches_file": OutputDir.BATCHES,
+        "report": OutputDir.REPORT,
         "mode": a.mode,
         "spec": json.loads(spec.model_dump_json()),
         "versions": _versions(),
@@ -158,3 +171,29 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+def write_side_files(out: OutputDir, c: Compacted, summary: dict[str, Any],
+                     schema: pa.Schema, prior_batches: list[dict[str, Any]] = ()) -> None:
+    """Writes `_ERRORS.parquet` (empty but valid when no row failed), `_BATCHES.jsonl` (earlier
+    records first, each batch once) and `_REPORT.html`; a report that cannot be drawn is noted in
+    `summary` (and logged), never failing a finished job."""
+    from pipeline.report import render_report
+
+    err_schema = pa.schema([schema.field(n) for n in ERROR_COLUMNS])
+    errors = (pa.concat_tables(c.error_rows).cast(err_schema) if c.error_rows
+              else err_schema.empty_table())
+    out.write_table(OutputDir.ERRORS, errors)
+    seen: set = set()
+    batches = []
+    for r in [*prior_batches, *c.batches]:
+        if r.get("batch") not in seen:
+            seen.add(r.get("batch"))
+            batches.append(r)
+    out.write_bytes(OutputDir.BATCHES, "".join(json.dumps(r) + "\n" for r in batches).encode())
+    try:
+        out.write_bytes(OutputDir.REPORT, render_report(out, summary, batches, errors))
+    except Exception as e:  # noqa: BLE001 - the outputs are done; the report can be redrawn
+        log.warning("_REPORT.html not written (%s: %s); run `gemma-batch report %s`",
+                    type(e).__name__, e, out.given)
+        summary["report"] = None

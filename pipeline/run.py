@@ -4,7 +4,9 @@
     --> read tasks: row groups -> rows with ids, text and carried columns, minus committed ids
     --> Predictor actor pool: prompt + generate, one output row per input row
     --> driver: each finished batch committed as a part under `_parts/` (what --resume trusts)
-    --> publish: parts compacted into `part-NNNNN.parquet`, `_SUMMARY.json`, then `_SUCCESS`.
+    --> publish: parts compacted into `part-NNNNN.parquet`, `_ERRORS.parquet`, `_BATCHES.jsonl`,
+        `_REPORT.html`, `_SUMMARY.json`, then `_SUCCESS`.
+(`--retry-errors` regenerates a finished output's error rows: pipeline/retry.py.)
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from pipeline import ray_env
 from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
 from pipeline.phases import PhaseBoard, phase_text
-from pipeline.predictor import BATCH, LATENCY, PLACEMENT, GenSettings, Predictor
+from pipeline.predictor import HIDDEN, PLACEMENT, GenSettings, Predictor, batch_records
 from pipeline.preflight import Plan, preflight
 from pipeline.progress import Progress, choose_mode
-from pipeline.publish import AttemptStats, compact_parts, run_summary
+from pipeline.publish import AttemptStats, compact_parts, run_summary, write_side_files
 from pipeline.read import ReadSettings, read_batch, read_unit, unit_to_json
 from pipeline.spec import JobSpec
 
@@ -47,6 +49,10 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
 
     Raises InputError (nothing written) for refused inputs and JobError when the job fails.
     """
+    if spec.retry_errors:
+        from pipeline.retry import retry_errors
+
+        return retry_errors(spec, progress=progress, debug=debug, on_commit=on_commit)
     t_start = time.perf_counter()
     plan, out, mode = preflight(spec)
     if on_plan is not None:
@@ -69,7 +75,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
     compacted = compact_parts(out, plan, spec.rows_per_output_shard)
     summary = run_summary(spec, plan, compacted, stats)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
-    out.publish(compacted.names, summary)
+    out.publish(compacted.names, summary, lambda: write_side_files(
+        out, compacted, summary, plan.output_schema()))
     if plan.increment is not None:  # only now: a run killed before publishing marks nothing done
         plan.increment.record(out, compacted.names, attempt)
     return summary
@@ -89,14 +96,13 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
         for batch in _batches(spec, plan, debug, board.name, prog.mode == "bar"):
             if batch.num_rows == 0:
                 continue
-            per_batch = dict(zip(batch.column(BATCH).to_pylist(),
-                                 batch.column(LATENCY).to_pylist()))
-            stats.latencies.extend(per_batch.values())
+            records = batch_records(batch)
+            stats.latencies.extend(r["latency_s"] for r in records)
             stats.placements.update(batch.column(PLACEMENT).unique().to_pylist())
-            table = batch.drop_columns([LATENCY, BATCH, PLACEMENT])
+            table = batch.drop_columns(list(HIDDEN))
             if seq == 0 and not plan.resumed:
                 out.write_run_record(json.loads(spec.model_dump_json()), attempt)
-            out.commit(attempt, seq, table)
+            out.commit(attempt, seq, table, batches=records)
             seq += 1
             errs = pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
             prog.add(table.num_rows, pc.sum(table.column("output_tokens")).as_py() or 0, errs)

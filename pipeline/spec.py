@@ -189,6 +189,9 @@ class JobSpec(BaseModel):
     incremental: IncrementalSpec | None = Field(
         None, description="true or {ledger: URL}: generate only rows that are new or changed "
                           "since earlier runs (a ledger of ids and content hashes); null = all.")
+    retry_errors: bool = Field(
+        False, description="Regenerate only the error rows of a finished output, then "
+                           "republish it (each id still once).")
 
     @field_validator("id_column", mode="before")
     @classmethod
@@ -208,6 +211,8 @@ class JobSpec(BaseModel):
             raise ValueError("question_column/context_column only apply to task 'answer'")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one")
+        if self.retry_errors and (self.resume or self.overwrite):
+            raise ValueError("retry_errors works on a finished output; drop resume/overwrite")
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; give at least one Parquet file")
         return self

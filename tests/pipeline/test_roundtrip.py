@@ -39,7 +39,11 @@ def test_round_trip_three_shards(scheme, ray_cluster, tmp_path):
     fs, path = get_fs(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    assert names == ["_SUCCESS", "_SUMMARY.json", "part-00000.parquet"]
+    assert names == ["_BATCHES.jsonl", "_ERRORS.parquet", "_REPORT.html", "_SUCCESS",
+                     "_SUMMARY.json", "part-00000.parquet"]
+    errors = read_output(join(out, "_ERRORS.parquet"))  # no error rows: empty but valid
+    assert errors.num_rows == 0
+    assert errors.schema.names == ["id", "error_kind", "error", "prompt_tokens"]
     with fs.open(join(path, "_SUMMARY.json"), "rb") as f:
         written = json.loads(f.read())
     assert written["rows_out"] == 12 and written["errors"] == 0
