@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.flags import add_job_flags, spec_from_args
+from jobs.flags import add_estimate_flags, add_job_flags, spec_from_args
 from jobs.remote_cli import REMOTE_COMMANDS, add_parsers, handle
 from model.config import DEFAULT_MODEL
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a spec and its inputs; generate nothing",
                          epilog=EXIT_CODES, formatter_class=fmt)
     add_job_flags(val)
+    add_estimate_flags(val)
     demo = sub.add_parser("demo", help="summarise the bundled sample corpus with a real model",
                           epilog=EXIT_CODES, formatter_class=fmt)
     demo.add_argument("--output", default="gemma-batch-demo", help="output directory")
@@ -67,9 +68,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     plan, _out, mode = preflight(spec)
     ids = f"id column {spec.id_column!r}" if spec.id_column else "derived ids (shard:row)"
-    print(f"ok: {len(plan.shards)} shards, {plan.total_rows} rows, {ids}, text column "
+    ok = (f"ok: {len(plan.shards)} shards, {plan.total_rows} rows, {ids}, text column "
           f"{spec.text_column!r}; output {spec.output} ({mode}"
           + (f", {len(plan.done_ids)} rows already done" if plan.resumed else "") + ")")
+    est = None
+    if args.estimate:
+        from pipeline.estimate import estimate, lines
+
+        est = estimate(spec, plan, calibrate=args.calibrate, sample=args.sample_rows,
+                       debug=args.debug)
+    if args.json:
+        print(json.dumps({"ok": True, "shards": len(plan.shards), "rows": plan.total_rows,
+                          "output": spec.output, "mode": mode, "model": spec.model,
+                          "estimate": est}))
+    else:
+        print(ok)
+        for line in lines(est) if est else []:
+            print(line)
     return 0
 
 

@@ -89,6 +89,21 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                         "a terminal, plain lines elsewhere)")
 
 
+def add_estimate_flags(p: argparse.ArgumentParser) -> None:
+    """`validate`'s own flags: its estimate (pipeline/estimate.py) and how it is shown."""
+    e = p.add_argument_group("estimate")
+    e.add_argument("--json", action="store_true",
+                   help="print the check and the estimate as one JSON object")
+    e.add_argument("--calibrate", action="store_true",
+                   help="first measure tokens/s on this machine: one batch of the corpus "
+                        "through the real engine in an actor like the job's (kept in the "
+                        "user cache for later forecasts)")
+    e.add_argument("--sample-rows", type=int, default=2000, metavar="N",
+                   help="tokenize at most N rows (a random sample of a larger corpus)")
+    e.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="only check the spec and inputs (no model, no token counts)")
+
+
 def _mesh(text: str) -> dict[str, int]:
     """'2x4' -> {"data": 2, "model": 4}."""
     parts = text.lower().split("x")

@@ -101,6 +101,29 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
+def prompt_setup(model: Any, settings: GenSettings) -> tuple[PromptBuilder, list[str] | None]:
+    """The prompt builder and stop strings of a loaded model under these settings (the actors
+    and `validate`'s token counts use the same)."""
+    if model.tokenizer is None:
+        raise RuntimeError(f"model {settings.model} has no tokenizer; it cannot read text")
+    cfg = model.config
+    limit = cfg.max_seq_len - settings.max_new_tokens
+    if settings.max_prompt_tokens:
+        limit = min(limit, settings.max_prompt_tokens)
+    if limit < 8:
+        raise RuntimeError(
+            f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {cfg.max_seq_len} tokens")
+    fmt_used = model.prompt_format
+    builder = PromptBuilder(
+        PromptSettings(settings.task, fmt_used, limit, settings.long_document,
+                       settings.instruction, settings.summary_words),
+        model.tokenizer,
+    )
+    stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
+    return builder, stop
+
+
 class Predictor:
     """Ray Data callable class: `__init__` loads the model, `__call__` maps a pyarrow batch."""
 
@@ -116,23 +139,7 @@ class Predictor:
         self.model = load_model(settings.model, dtype=settings.dtype, prompt_format=fmt,
                                 mesh_shape=settings.mesh)
         self.load_s = time.perf_counter() - t0
-        if self.model.tokenizer is None:
-            raise RuntimeError(f"model {settings.model} has no tokenizer; it cannot read text")
-        cfg = self.model.config
-        limit = cfg.max_seq_len - settings.max_new_tokens
-        if settings.max_prompt_tokens:
-            limit = min(limit, settings.max_prompt_tokens)
-        if limit < 8:
-            raise RuntimeError(
-                f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
-                f"model's context of {cfg.max_seq_len} tokens")
-        fmt_used = self.model.prompt_format
-        self.builder = PromptBuilder(
-            PromptSettings(settings.task, fmt_used, limit, settings.long_document,
-                           settings.instruction, settings.summary_words),
-            self.model.tokenizer,
-        )
-        self.stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
+        self.builder, self.stop = prompt_setup(self.model, settings)
         self.model_name = settings.model
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         info = self.model.info
