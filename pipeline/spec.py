@@ -213,6 +213,9 @@ class JobSpec(BaseModel):
             raise ValueError("resume and overwrite exclude each other; choose one")
         if self.retry_errors and (self.resume or self.overwrite):
             raise ValueError("retry_errors works on a finished output; drop resume/overwrite")
+        if self.retry_errors and self.incremental is not None:
+            raise ValueError("retry_errors does not apply to incremental runs: their rows whose "
+                             "generation failed are redone by the next run; drop one of them")
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; give at least one Parquet file")
         return self

@@ -153,3 +153,6 @@ def test_incremental_flags_spec_field_and_template_rules(tmp_path):
                         "incremental": True})
     with pytest.raises(SpecError, match="same for every incremental run"):
         check_template(fixed)
+    with pytest.raises(SpecError, match="retry_errors does not apply to incremental"):
+        build_spec({"input": "gs://b/in/", "output": "gs://b/s/x/", "retry_errors": True,
+                    "incremental": True})
