@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 8  # inputs shown with their outputs
 ERROR_ROWS = 200  # error rows listed (all are in _ERRORS.parquet)
 _TEXT_CHARS = 600  # longest input/output text shown in a table cell
-_CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; "
         "style-src 'unsafe-inline'; img-src data: blob:; font-src data:")
 # Headline numbers: element id -> summary key.
 HEADLINE = {"rows-in": "rows_in", "rows-out": "rows_out", "errors": "errors",
