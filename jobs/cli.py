@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jobs.flags import add_estimate_flags, add_job_flags, spec_from_args
+from jobs import spec_cli
 from jobs.remote_cli import REMOTE_COMMANDS, add_parsers, handle
 from model.config import DEFAULT_MODEL
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("output", metavar="OUTPUT", help="output directory (local, gs://, s3://)")
     rep.add_argument("--to", metavar="FILE", default=None,
                      help="write the page here instead of OUTPUT/_REPORT.html")
-    remote_parsers = add_parsers(sub, EXIT_CODES)
+    remote_parsers = add_parsers(sub, EXIT_CODES) + spec_cli.add_parsers(sub, EXIT_CODES)
     for sp in (run, val, demo, rep, *remote_parsers):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and Ray logs")
@@ -168,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo,
                 "report": _cmd_report}
     handlers.update({c: handle for c in REMOTE_COMMANDS})
+    handlers.update({c: spec_cli.handle for c in spec_cli.SPEC_COMMANDS})
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -170,6 +170,36 @@ def follow(job_id: str, address: str | None = None, poll_s: float = 1.0,
         time.sleep(poll_s)
 
 
+def stop(job_id: str, address: str | None = None, timeout_s: float = 120.0,
+         poll_s: float = 0.5) -> str:
+    """Asks the cluster to stop the job and waits until it has ended; returns its final status
+    (STOPPED, or SUCCEEDED/FAILED when it ended first). A stopped run publishes nothing: its
+    output holds committed parts only, never `_SUCCESS` (`--resume` finishes it)."""
+    address = resolve_address(address)
+    client = _client(address)
+    if status(job_id, address)["status"] not in TERMINAL:
+        _call(address, f"stop {job_id}", client.stop_job, job_id)
+    return wait(job_id, address, poll_s=poll_s, timeout_s=timeout_s)
+
+
+def list_jobs(address: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The cluster's most recent jobs, newest first: id, status, times, entrypoint, metadata."""
+    address = resolve_address(address)
+    client = _client(address)
+    found = []
+    for j in _call(address, "list jobs", client.list_jobs):
+        found.append({
+            "job_id": j.submission_id or j.job_id,
+            "status": str(getattr(j.status, "value", j.status)),
+            "start_time": j.start_time,
+            "end_time": j.end_time,
+            "entrypoint": j.entrypoint,
+            "metadata": j.metadata or {},
+        })
+    found.sort(key=lambda j: j["start_time"] or 0, reverse=True)
+    return found[:limit]
+
+
 def wait(job_id: str, address: str | None = None, poll_s: float = 1.0,
          timeout_s: float | None = None) -> str:
     """Blocks until the job ends; returns its final status."""

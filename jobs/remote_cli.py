@@ -1,14 +1,16 @@
-"""The cluster-side subcommands of `gemma-batch`: submit, status, logs, schedule."""
+"""The cluster-side subcommands of `gemma-batch`: submit, status, logs, stop, list, schedule."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 
 from jobs.flags import add_job_flags, spec_from_args
+from pipeline.spec import SpecError
 
-REMOTE_COMMANDS = ("submit", "status", "logs", "schedule")
+REMOTE_COMMANDS = ("submit", "status", "logs", "stop", "list", "schedule")
 
 
 def _address(p: argparse.ArgumentParser) -> None:
@@ -19,7 +21,7 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub, epilog: str) -> list:
-    """Registers the four subcommands; returns their parsers."""
+    """Registers the cluster subcommands; returns their parsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API)",
                             epilog=epilog, formatter_class=fmt)
@@ -43,6 +45,19 @@ def add_parsers(sub, epilog: str) -> list:
     _address(logs)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
 
+    stop = sub.add_parser("stop", help="stop a submitted job and wait until it has stopped",
+                          epilog=epilog, formatter_class=fmt)
+    stop.add_argument("job_id")
+    _address(stop)
+    stop.add_argument("--timeout", type=float, default=120.0,
+                      help="give up waiting after this many seconds (exit 1)")
+
+    jobs = sub.add_parser("list", help="list recent jobs on the cluster with their status",
+                          epilog=epilog, formatter_class=fmt)
+    _address(jobs)
+    jobs.add_argument("--limit", type=int, default=20, help="most recent N jobs (default 20)")
+    jobs.add_argument("--json", action="store_true", help="print them as JSON")
+
     sched = sub.add_parser(
         "schedule", help="run a job on a cron schedule (on a cluster, or --local)",
         epilog="The output may contain {date} {time} {datetime} {run}, filled per run.\n"
@@ -50,18 +65,25 @@ def add_parsers(sub, epilog: str) -> list:
     add_job_flags(sched)
     _address(sched)
     sched.add_argument("--cron", required=True,
-                       help="cron expression, e.g. '0 2 * * *' (UTC); 6 fields = seconds last")
+                       help="cron expression, e.g. '0 2 * * *' (UTC unless --tz); 6 fields = "
+                            "seconds last")
+    sched.add_argument("--tz", metavar="ZONE", default=None,
+                       help="read the cron expression in this IANA time zone, e.g. "
+                            "Europe/Berlin (default UTC)")
+    sched.add_argument("--dry-run", type=int, metavar="N", default=None,
+                       help="print the next N tick times and exit; nothing is submitted")
     sched.add_argument("--local", action="store_true",
                        help="run each tick here (gemma-batch run) instead of submitting it")
     sched.add_argument("--max-runs", type=int, default=None,
                        help="stop after this many runs (wait for them; exit 1 if any failed)")
     sched.add_argument("--state", default=None, help="state file (default: in the user cache)")
-    return [submit, status, logs, sched]
+    return [submit, status, logs, stop, jobs, sched]
 
 
 def handle(args: argparse.Namespace) -> int:
-    """Runs one of the four subcommands. Raises SpecError / RemoteError for the caller."""
+    """Runs one of the cluster subcommands. Raises SpecError / RemoteError for the caller."""
     from jobs import remote
+    from jobs.schedule import ticks, zone
 
     if args.command == "status":
         st = remote.status(args.job_id, args.address)
@@ -81,6 +103,24 @@ def handle(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(remote.logs(args.job_id, args.address))
         return 0
+    if args.command == "stop":
+        st = remote.stop(args.job_id, args.address, timeout_s=args.timeout)
+        print(f"{args.job_id}: {st}")
+        return 0
+    if args.command == "list":
+        found = remote.list_jobs(args.address, limit=args.limit)
+        if args.json:
+            print(json.dumps(found, indent=1, default=str))
+        for j in found if not args.json else []:
+            where = j["metadata"].get("output") or j["entrypoint"]
+            print(f"{j['job_id']}  {j['status']:<9}  {_when(j['start_time'])}  {where}")
+        return 0
+    if args.command == "schedule" and args.dry_run is not None:
+        if args.dry_run < 1:
+            raise SpecError("--dry-run N needs N >= 1 (how many tick times to print)")
+        for t in ticks(args.cron, args.dry_run, dt.datetime.now(dt.timezone.utc), zone(args.tz)):
+            print(t.isoformat())
+        return 0
     spec = spec_from_args(args)
     if args.command == "submit":
         job_id = remote.submit(spec, args.address, job_id=args.job_id)
@@ -99,4 +139,11 @@ def handle(args: argparse.Namespace) -> int:
 
     return run_schedule(spec, args.cron, address=args.address, local=args.local,
                         max_runs=args.max_runs,
-                        state_path=Path(args.state) if args.state else None)
+                        state_path=Path(args.state) if args.state else None, tz=zone(args.tz))
+
+
+def _when(ms: int | None) -> str:
+    """A Jobs API time (ms since the epoch) as UTC, to the second."""
+    if not ms:
+        return "-" * 20
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -45,10 +45,39 @@ def parse_cron(expr: str):
     return croniter
 
 
-def next_fire(expr: str, after: dt.datetime) -> dt.datetime:
-    """The first tick of `expr` strictly after `after` (UTC)."""
+def zone(name: str | None) -> dt.tzinfo:
+    """The time zone a cron expression is read in: UTC unless an IANA name is given."""
+    if not name or name.upper() in ("UTC", "Z"):
+        return dt.timezone.utc
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SpecError(f"--tz {name!r} is not a time zone; use an IANA name such as "
+                        "'Europe/Berlin' or 'America/New_York' (default UTC)") from None
+
+
+def next_fire(expr: str, after: dt.datetime, tz: dt.tzinfo | None = None) -> dt.datetime:
+    """The first tick of `expr` strictly after `after`; with `tz` the expression is read in that
+    zone (e.g. 02:00 Berlin time) and the tick returned in UTC."""
     croniter = parse_cron(expr)
-    return croniter(expr, after).get_next(dt.datetime)
+    if tz is None:
+        return croniter(expr, after).get_next(dt.datetime)
+    if after.tzinfo is None:
+        after = after.replace(tzinfo=dt.timezone.utc)
+    tick = croniter(expr, after.astimezone(tz)).get_next(dt.datetime)
+    return tick.astimezone(dt.timezone.utc)
+
+
+def ticks(expr: str, n: int, start: dt.datetime, tz: dt.tzinfo | None = None) -> list[dt.datetime]:
+    """The next `n` ticks of `expr` after `start`, read and shown in `tz` (UTC by default):
+    what `schedule --dry-run N` prints."""
+    croniter = parse_cron(expr)
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=dt.timezone.utc)
+    it = croniter(expr, start.astimezone(tz or dt.timezone.utc))
+    return [it.get_next(dt.datetime) for _ in range(n)]
 
 
 def render_output(template: str, when: dt.datetime, run: int) -> str:
@@ -154,7 +183,8 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
                  max_runs: int | None = None, state_path: Path | None = None,
                  say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
-                 sleep: Callable[[float], None] = time.sleep, poll_s: float = 1.0) -> int:
+                 sleep: Callable[[float], None] = time.sleep, poll_s: float = 1.0,
+                 tz: dt.tzinfo | None = None) -> int:
     """Runs `spec` at every tick of `cron` until `max_runs` runs have started (forever if None).
 
     `now` and `sleep` are the clock the ticks are waited on (tests inject one that jumps);
@@ -173,7 +203,7 @@ def run_schedule(spec: JobSpec, cron: str, address: str | None = None, local: bo
     started = 0
     last = dt.datetime.fromisoformat(runs[-1].fire) if runs else now()
     while max_runs is None or started < max_runs:
-        fire = next_fire(cron, max(last, now()))
+        fire = next_fire(cron, max(last, now()), tz)
         while (wait := (fire - now()).total_seconds()) > 0:
             sleep(min(wait, poll_s))
         last = fire

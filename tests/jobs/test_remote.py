@@ -164,3 +164,35 @@ def test_cron_and_templates():
     assert next_fire("* * * * * */10", t0).second == 40
     when = dt.datetime(2026, 11, 23, 2, 0, 5)
     assert render_output("gs://b/{date}/{time}-{run}", when, 7) == "gs://b/2026-11-23/020005-7"
+
+
+def test_stop_a_running_job_leaves_no_published_output(ray_head, tmp_path):
+    """`stop` ends a long job mid-run and waits for it; nothing is published (no _SUCCESS, no
+    shards: publish is atomic and last); `list` shows it stopped."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(400)],
+                             "text": [f"Document {i} about topic {i % 7}." for i in range(400)]}),
+                   inp / "part-0.parquet")
+    r = _cli("submit", "--input", str(inp), "--output", str(out), "--model", "tiny-gemma3",
+             "--max-new-tokens", "48", "--batch-size", "2", "--address", ray_head,
+             "--job-id", "test-job-stop", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    deadline = time.time() + 240
+    while not list((out / "_parts").glob("*.parquet")):  # mid-run: batches are committed
+        st = json.loads(_cli("status", "test-job-stop", "--address", ray_head, "--json").stdout)
+        assert st["status"] in ("PENDING", "RUNNING"), st
+        assert time.time() < deadline, "the job committed nothing in 240 s"
+        time.sleep(1)
+    r = _cli("stop", "test-job-stop", "--address", ray_head, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "test-job-stop: STOPPED"
+    names = sorted(p.name for p in out.iterdir())
+    assert "_SUCCESS" not in names and "_SUMMARY.json" not in names, names
+    assert not [n for n in names if n.startswith("part-")], names
+    listed = _cli("list", "--address", ray_head, "--json")
+    assert listed.returncode == 0, listed.stderr
+    mine = [j for j in json.loads(listed.stdout) if j["job_id"] == "test-job-stop"]
+    assert mine and mine[0]["status"] == "STOPPED" and mine[0]["metadata"]["output"] == str(out)
+    plain = _cli("list", "--address", ray_head).stdout
+    assert any(ln.startswith("test-job-stop  STOPPED") for ln in plain.splitlines()), plain
