@@ -72,6 +72,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     ok = (f"ok: {len(plan.shards)} shards, {plan.total_rows} rows, {ids}, text column "
           f"{spec.text_column!r}; output {spec.output} ({mode}"
           + (f", {len(plan.done_ids)} rows already done" if plan.resumed else "") + ")")
+    inc = plan.increment.summary_fields()["incremental"] if plan.increment else None
+    if inc:
+        ok += (f"; incremental: {inc['rows_to_generate']} rows to generate ({inc['new']} new, "
+               f"{inc['changed'] + inc['settings_changed']} changed), {inc['unchanged']} "
+               f"unchanged, {inc['deleted']} deleted (ledger {inc['ledger']})")
     est = None
     if args.estimate:
         from pipeline.estimate import estimate, lines
@@ -81,7 +86,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, "shards": len(plan.shards), "rows": plan.total_rows,
                           "output": spec.output, "mode": mode, "model": spec.model,
-                          "estimate": est}))
+                          "estimate": est, "incremental": inc}))
     else:
         print(ok)
         for line in lines(est) if est else []:

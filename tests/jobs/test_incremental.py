@@ -156,3 +156,18 @@ def test_incremental_flags_spec_field_and_template_rules(tmp_path):
     with pytest.raises(SpecError, match="retry_errors does not apply to incremental"):
         build_spec({"input": "gs://b/in/", "output": "gs://b/s/x/", "retry_errors": True,
                     "incremental": True})
+
+
+def test_validate_says_what_an_incremental_run_would_generate(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "in").mkdir()
+    _shard(tmp_path / "in" / "s.parquet", {"x1": "one", "x2": "two", "x3": "three"})
+    argv = ["validate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o" / "1"),
+            "--model", "tiny-gemma3", "--task", "raw", "--incremental"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "incremental: 3 rows to generate (3 new, 0 changed), 0 unchanged, 0 deleted" in line
+    assert main(argv + ["--json"]) == 0
+    inc = json.loads(capsys.readouterr().out)["incremental"]
+    assert inc["new"] == 3 and inc["ledger"] == str(tmp_path / "o" / "_LEDGER")
