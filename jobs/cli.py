@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from jobs.flags import add_estimate_flags, add_job_flags, spec_from_args
 from jobs import spec_cli
 from jobs.remote_cli import REMOTE_COMMANDS, add_parsers, handle
+from pipeline.quiet import NativeLogFilter
 from model.config import DEFAULT_MODEL
 
 EXIT_CODES = """exit codes:
@@ -175,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": _cmd_report}
     handlers.update({c: handle for c in REMOTE_COMMANDS})
     handlers.update({c: spec_cli.handle for c in spec_cli.SPEC_COMMANDS})
+    native = NativeLogFilter()
+    if not debug:
+        native.start()  # Ray's native log lines stay in its session logs, off the terminal
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -191,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.ray_env import shutdown_ray
 
         shutdown_ray()  # only a local cluster this process started; a no-op otherwise
+        native.stop()
 
 
 if __name__ == "__main__":

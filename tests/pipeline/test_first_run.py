@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -63,3 +68,52 @@ def test_id_column_id_is_kept_end_to_end(ray_cluster, tmp_path):
     table = read_output(f"{out}/part-00000.parquet")
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
     assert "input_id" not in table.column_names and summary["rows_out"] == len(ids)
+
+
+_FILTER_PROBE = r"""
+import os, sys
+from pipeline.quiet import NativeLogFilter
+f = NativeLogFilter()
+assert f.start() and sys.stderr.isatty() == os.isatty(sys.__stderr__.fileno())
+os.write(2, b"[2026-12-02 14:25:03,521 E 18823 18823] core_worker.cc:2465: Actor with class\n")
+os.write(2, b"native text\n[2026-12-02 14:25:03,600 W 1 2] raylet_client.cc:10: w\n")
+os.write(2, b"[2026-12-02 14:25:03,700 F 1 2] logging.cc:1: fatal stays\n")
+print("python line", file=sys.stderr)
+os.write(2, b"\rbar 50%")
+f.stop()
+print("after", file=sys.stderr)
+"""
+
+
+def test_native_filter_drops_only_rays_native_lines():
+    r = subprocess.run([sys.executable, "-c", _FILTER_PROBE], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).parents[2])
+    assert r.returncode == 0, r.stderr
+    assert "core_worker" not in r.stderr and "raylet_client" not in r.stderr, r.stderr
+    for kept in ("native text", "fatal stays", "python line", "bar 50%", "after"):
+        assert kept in r.stderr, r.stderr
+
+
+def test_plain_run_prints_no_ray_internal_lines(tmp_path):
+    """`gemma-batch run` as a user types it, on its own local Ray: stderr holds our progress and
+    result lines only; Ray's core-worker line is in its session log instead."""
+    write_corpus(str(tmp_path / "in"), shards=1, rows=2)
+    ray_tmp = Path("/tmp") / f"gbq{os.getpid()}"  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", JAX_PLATFORMS="cpu")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "run", "--input", str(tmp_path / "in"),
+             "--output", str(tmp_path / "out"), "--model", "tiny-gemma3", "--task", "raw",
+             "--max-new-tokens", "2", "--batch-size", "2"],
+            env=env, capture_output=True, text=True, timeout=540, cwd=Path(__file__).parents[2])
+        assert r.returncode == 0, r.stderr[-3000:]
+        ours = ("gemma-batch: ", "done: ")
+        strays = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(ours)]
+        assert not strays, r.stderr[-3000:]
+        assert "core_worker" not in r.stderr and "ray-project" not in r.stderr
+        logs = [p.read_text(errors="replace")
+                for p in ray_tmp.glob("ray/session_*/logs/python-core-driver-*.log")]
+        assert any("constructor arguments in the object store" in t for t in logs)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
