@@ -83,7 +83,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--incremental", action="store_true", default=None,
                    help="generate only rows that are new or changed since earlier runs (a "
                         "ledger of ids and content hashes, by default _LEDGER beside the output)")
-    m.add_argument("--ledger", metavar="URL", help="with --incremental: the ledger directory")
+    m.add_argument("--ledger", metavar="URL",
+                   help="the incremental runs' ledger directory (implies --incremental)")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="--progress: plain progress lines; --no-progress: none (default: a bar on "
                         "a terminal, plain lines elsewhere)")
