@@ -134,8 +134,9 @@ def handle(args: argparse.Namespace) -> int:
         st = remote.status(job_id, args.address)
         print(f"{job_id}: {st['status']}", file=sys.stderr)
         return 0 if st["status"] == "SUCCEEDED" else 1
-    from jobs.schedule import run_schedule
     from pathlib import Path
+
+    from jobs.schedule import run_schedule
 
     return run_schedule(spec, args.cron, address=args.address, local=args.local,
                         max_runs=args.max_runs,

@@ -11,16 +11,20 @@ spec that started it); `_staging/` holds shards being published.
 from __future__ import annotations
 
 import json
+import posixpath
+import uuid
 from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 
-import posixpath
-import uuid
-
 from pipeline.errors import InputError, JobError
-from pipeline.storage import (Dir, StorageUnreachable, check_reachable, connection_cause,
-                              unreachable_message)
+from pipeline.storage import (
+    Dir,
+    StorageUnreachable,
+    check_reachable,
+    connection_cause,
+    unreachable_message,
+)
 
 Mode = Literal["new", "overwrite", "resume", "finished"]
 
@@ -201,10 +205,13 @@ class OutputDir(Dir):
 
     # -- publish ----------------------------------------------------------------------------
 
+    def shards(self) -> list[str]:
+        """Names of the output shards at the top level (published or half-published)."""
+        return [n for n in self.ls() if n.startswith("part-") and n.endswith(".parquet")]
+
     def clear_staging(self) -> None:
         """Removes shards of an earlier, unfinished publish (staged or already moved)."""
-        stale = [n for n in self.ls() if n.startswith("part-") and n.endswith(".parquet")]
-        self.remove(stale + [self.STAGING])
+        self.remove(self.shards() + [self.STAGING])
 
     def stage(self, name: str, table: pa.Table) -> None:
         self.write_table(f"{self.STAGING}/{name}", table)

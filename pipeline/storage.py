@@ -20,8 +20,8 @@ import posixpath
 import socket
 import time
 import uuid
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Iterable
+from urllib.parse import urlsplit
 
 from pipeline.errors import InputError, JobError
 

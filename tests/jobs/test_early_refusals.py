@@ -55,8 +55,8 @@ def test_unwritable_output_is_refused_in_preflight(capsys, shard):
 
 def test_write_probe_leaves_nothing_behind(tmp_path, shard):
     fresh = tmp_path / "a" / "b" / "out"
-    plan, out, mode = preflight(build_spec({"input": str(shard), "output": str(fresh),
-                                            "model": "tiny-gemma3"}))
+    _, _, mode = preflight(build_spec({"input": str(shard), "output": str(fresh),
+                                       "model": "tiny-gemma3"}))
     assert mode == "new" and not (tmp_path / "a").exists()  # the folders it made are gone
     empty = tmp_path / "empty"
     empty.mkdir()
