@@ -310,8 +310,7 @@ def _first_inputs(spec: dict[str, Any], n: int) -> dict[Any, str]:
 
 
 def _shard_names(out: OutputDir, summary: dict[str, Any]) -> list[str]:
-    return list(summary.get("output_files") or [
-        n for n in out.ls() if n.startswith("part-") and n.endswith(".parquet")])
+    return list(summary.get("output_files") or out.shards())
 
 
 def _read_shards(out: OutputDir, summary: dict[str, Any], columns: list[str]) -> pa.Table:

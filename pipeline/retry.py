@@ -55,7 +55,7 @@ def retry_errors(spec: JobSpec, *, progress: bool | None = None, debug: bool = F
     _check_same_job(before.get("spec") or {}, now)
     if mode == "finished" and _run_record(out).get("spec") not in (None, now):
         out.remove([OutputDir.PARTS])  # an interrupted retry with other settings: start afresh
-    published = [n for n in out.ls() if n.startswith("part-") and n.endswith(".parquet")]
+    published = out.shards()
     _check_schema(out, published, plan.output_schema())
     retried = out.done_ids()  # committed by an interrupted retry (and kept rows, rolling)
     all_ids, error_ids = set(retried), set()
