@@ -94,7 +94,7 @@ def render_report(out: OutputDir, summary: dict[str, Any], batches: list[dict[st
             np.array([b["latency_s"] for b in batches], dtype=float), "seconds")))
     charts = []
     for i, (title, fig) in enumerate(figs):
-        fig.update_layout(title=title, height=340, margin=dict(l=50, r=20, t=50, b=40),
+        fig.update_layout(title=title, height=340, margin={"l": 50, "r": 20, "t": 50, "b": 40},
                           template="plotly_white")
         charts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{i}",
                                   config={"displaylogo": False, "responsive": True}))

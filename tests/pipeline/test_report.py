@@ -18,14 +18,13 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pl_helpers import read_output, tiny_spec, write_shard
 
 from jobs.cli import main
 from pipeline.report import HEADLINE
 from pipeline.run import run_job
 from pipeline.spec import build_spec
 from pipeline.storage import get_fs, join
-
-from pl_helpers import read_output, tiny_spec, write_shard
 
 _LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:", "chrome-error:")
 

@@ -8,13 +8,12 @@ import json
 
 import pyarrow as pa
 import pytest
+from pl_helpers import read_output, tiny_spec, write_shard
 
 from jobs.cli import main
 from pipeline.errors import JobError
 from pipeline.run import run_job
 from pipeline.spec import build_spec
-
-from pl_helpers import read_output, tiny_spec, write_shard
 
 IDS = [f"d{i}" for i in range(11)]
 NULL_ROW, LONG_ROW = "d9", "d10"
