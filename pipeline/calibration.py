@@ -163,17 +163,23 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
-def calibrate_on_ray(spec: Any, settings: Any, texts: list[str], debug: bool = False
-                     ) -> dict[str, Any]:
-    """Starts Ray (timed), one actor with the job's resources (timed: start + model load), and
-    measures `texts` (one batch of the corpus) in it; writes and returns the table entry."""
-    import ray
-
+def start_ray_timed(debug: bool = False) -> float:
+    """Connects to (or starts) Ray as a run does; returns the seconds it took. Call it before
+    JAX starts in this process: Ray forks its processes, which JAX's threads warn about."""
     from pipeline import ray_env
 
     t0 = time.perf_counter()
     ray_env.ensure_ray(debug)
-    ray_start_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def calibrate_on_ray(spec: Any, settings: Any, texts: list[str], ray_start_s: float
+                     ) -> dict[str, Any]:
+    """Starts one actor with the job's resources on Ray (timed: start + model load) and measures
+    `texts` (one batch of the corpus) in it; writes and returns the table entry."""
+    import ray
+
+    from pipeline import ray_env
     opts = ray_env.actor_options(spec, ray_env.cluster_cpus())
     keep = {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "resources",
                                                   "accelerator_type")}

@@ -146,6 +146,7 @@ def forecast(spec: JobSpec, todo: int, prompt_tokens: int, entry: dict[str, Any]
 def estimate(spec: JobSpec, plan: Plan, *, calibrate: bool = False, sample: int = SAMPLE_ROWS,
              debug: bool = False) -> dict[str, Any]:
     """Rows, prompt and output tokens, and the forecast (after a calibration run if asked)."""
+    ray_start_s = calibration.start_ray_timed(debug) if calibrate else 0.0
     model = load_for_counting(spec)
     tokens = count_tokens(spec, plan, model, sample)
     texts = tokens.pop("texts")
@@ -156,7 +157,7 @@ def estimate(spec: JobSpec, plan: Plan, *, calibrate: bool = False, sample: int 
         if not picked:
             raise ValueError("no row with text to calibrate on")
         entry = calibration.calibrate_on_ray(
-            spec, GenSettings.of(spec, plan.output_schema()), picked, debug)
+            spec, GenSettings.of(spec, plan.output_schema()), picked, ray_start_s)
     else:
         entry = calibration.lookup(spec.model, spec.dtype or "default", spec.batch_size,
                                    r.accelerator, r.accelerator_type)

@@ -94,7 +94,8 @@ class PhaseReporter:
             self._name = None
 
     def watch_compiles(self, count: Callable[[], int], planned: int) -> Callable[[], None]:
-        """Reports "compiling program k of up to N" while `count()` grows; returns a stopper."""
+        """Reports "first batch: k of up to N programs compiled" while `count()` grows (the
+        batch then generates); returns a stopper."""
         stop = threading.Event()
 
         last = [count()]
@@ -103,7 +104,7 @@ class PhaseReporter:
             now = count()
             if now != last[0]:
                 last[0] = now
-                self(f"compiling programs: {now} of up to {max(planned, now)} done")
+                self(f"first batch: {now} of up to {max(planned, now)} programs compiled")
 
         def loop() -> None:
             while not stop.wait(0.25):
@@ -127,5 +128,5 @@ def phase_text(kind: str, **kw: Any) -> str:
         "ray_connect": "connecting to Ray",
         "actors": "starting {n} actor" + ("" if kw.get("n") == 1 else "s"),
         "load": "loading the model",
-        "compile": "compiling up to {n} programs",
+        "compile": "compiling up to {n} programs and generating the first batch",
     }[kind].format(**kw)

@@ -149,7 +149,8 @@ def _batches(spec: JobSpec, plan: Plan, debug: bool, phase_board: str | None = N
     finished output batches."""
     import ray.data
 
-    ray_env.quiet_data_context(debug, ray_bars=not own_bar)
+    # Ray Data's own bars only for --debug on a terminal, and never beside ours.
+    ray_env.quiet_data_context(debug, ray_bars=debug and not own_bar)
     rs = ReadSettings.of(spec, plan)
     units = plan.units
     if all(not u.url.startswith("memory://") for u in units):
