@@ -71,6 +71,10 @@ class Buckets:
     def length_bucket(self, n: int) -> int:
         return round_up(max(n, 1), self.length, "sequence length")
 
+    def out_bucket(self, n: int, length: int) -> int:
+        """Room for n generated tokens: the next power of two (at least 16), at most L."""
+        return min(length, max(16, 1 << (max(n, 1) - 1).bit_length()))
+
     def chunk_bucket(self, n: int) -> int:
         return min(round_up(max(n, 1), self.chunk, "chunk length"), self.chunk_size)
 

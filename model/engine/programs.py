@@ -3,6 +3,7 @@ and `Engine`, which compiles them per shape bucket for one model and keeps its c
 device mesh the programs take and return sharded parameters, state and slots (model/sharding.py).
 
 Legend: B = decode slots, P = rows per prefill call, T = prefill chunk, L = cache length,
+O = generated-token buffer (`Buckets.out_bucket` of the rows' max_new_tokens, at most L),
 S = stop-token table size.
 """
 
@@ -49,7 +50,7 @@ class Slots(NamedTuple):
     pos: Array  # int32
     n_out: Array  # int32: tokens generated so far
     settings: RowSettings  # each [B]
-    out: Array  # int32 [B, L]: generated tokens, out[b, :n_out[b]]
+    out: Array  # int32 [B, O]: generated tokens, out[b, :n_out[b]]
 
 
 class NewRows(NamedTuple):
@@ -67,13 +68,13 @@ def settings_arrays(rows: Sequence[RowSettings], n: int) -> RowSettings:
     return RowSettings(*(np.asarray(col, dt) for col, dt in zip(zip(*padded), ROW_DTYPES)))
 
 
-def empty_slots(b: int, length: int) -> Slots:
-    """B free slots with room for L generated tokens each (fresh buffers: they are donated)."""
+def empty_slots(b: int, out_len: int) -> Slots:
+    """B free slots with room for O generated tokens each (fresh buffers: they are donated)."""
     return Slots(active=jnp.zeros((b,), bool), last_token=jnp.zeros((b,), jnp.int32),
                  pos=jnp.zeros((b,), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
                  settings=RowSettings(*(jnp.full((b,), v, dt)
                                         for v, dt in zip(ROW_PAD, ROW_DTYPES))),
-                 out=jnp.zeros((b, length), jnp.int32))
+                 out=jnp.zeros((b, out_len), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,17 +316,18 @@ class Engine:
                 out_shardings=self.state_shardings(b, length))
         return self._init[b, length]()
 
-    def empty_slots(self, b: int, length: int) -> Slots:
-        """B free slots with room for L generated tokens (see `empty_slots`)."""
-        slots = empty_slots(b, length)
+    def empty_slots(self, b: int, out_len: int) -> Slots:
+        """B free slots with room for O generated tokens (see `empty_slots`)."""
+        slots = empty_slots(b, out_len)
         return slots if self.mesh is None else sharding.place(slots, self._slots_sh(slots))
 
     # The programs.
 
     def prefill(self, state: State, slots: Slots, tokens: np.ndarray, positions: np.ndarray,
-                new: NewRows) -> tuple[State, Slots]:
-        """Feeds tokens [P, T] at positions [P, T] into the new rows' slots and places them."""
-        b, length = slots.out.shape
+                new: NewRows, length: int) -> tuple[State, Slots]:
+        """Feeds tokens [P, T] at positions [P, T] into the new rows' slots (state of cache
+        length L) and places them."""
+        b, o = slots.out.shape
         p, t = tokens.shape
         args = (self.params, state, slots, self._put(tokens, rows=True),
                 self._put(positions, rows=True), self._put(new))
@@ -336,16 +338,16 @@ class Engine:
                      sharding.replicated(self.mesh)), (st, sl))
 
         fn = self.compile_log.get(
-            ("prefill", b, length, p, t), "prefill", f"B={b} L={length} P={p} T={t}",
+            ("prefill", b, length, o, p, t), "prefill", f"B={b} L={length} P={p} T={t}",
             lambda: self._compile(prefill_program(self.family, self.cfg, self.axes(length),
                                                   self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
-               min_free: int) -> tuple[State, Slots, Array]:
-        """Runs the decode loop (see `decode_program`)."""
-        b, length = slots.out.shape
+               min_free: int, length: int) -> tuple[State, Slots, Array]:
+        """Runs the decode loop (see `decode_program`) over a state of cache length L."""
+        b, o = slots.out.shape
         args = (self.params, state, slots, self._put(stop_ids),
                 self._put(np.int32(max_steps)), self._put(np.int32(min_free)))
 
@@ -355,15 +357,16 @@ class Engine:
             return (self._param_sh, st, sl, rep, rep, rep), (st, sl, rep)
 
         fn = self.compile_log.get(
-            ("decode", b, length, len(stop_ids)), "decode", f"B={b} L={length} S={len(stop_ids)}",
+            ("decode", b, length, o, len(stop_ids)), "decode",
+            f"B={b} L={length} S={len(stop_ids)}",
             lambda: self._compile(decode_program(self.family, self.cfg,
                                                  self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)
 
-    def deactivate(self, slots: Slots, kill: np.ndarray) -> Slots:
-        """Frees the slots marked in kill (bool [B])."""
-        b, length = slots.out.shape
+    def deactivate(self, slots: Slots, kill: np.ndarray, length: int) -> Slots:
+        """Frees the slots marked in kill (bool [B]) of a group of cache length L."""
+        b, o = slots.out.shape
         args = (slots, self._put(kill, rows=True))
 
         def shardings() -> tuple[Any, Any]:
@@ -371,6 +374,6 @@ class Engine:
             return (sl, args[1].sharding), sl
 
         fn = self.compile_log.get(
-            ("deactivate", b, length), "deactivate", f"B={b} L={length}",
+            ("deactivate", b, length, o), "deactivate", f"B={b} L={length}",
             lambda: self._compile(deactivate, (0,), args, shardings))
         return fn(*args)

@@ -265,7 +265,9 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
     """Runs one cache-length group through continuous batching."""
     b = _slots_for(len(group), max_batch, engine.buckets)
     state = engine.init_state(b, length)
-    slots = engine.empty_slots(b, length)
+    # Generated tokens need room for the longest max_new_tokens only, not the whole cache.
+    out_len = engine.buckets.out_bucket(max(r.settings.max_new for r in group), length)
+    slots = engine.empty_slots(b, out_len)
     waiting = collections.deque(group)
     slot_row: list[_Row | None] = [None] * b
     refill_min = _refill_min(b, refill_min)
@@ -278,12 +280,12 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
             for s, r in placed:
                 slot_row[s] = r
             p = min(x for x in prefill_sizes if x >= len(placed))
-            state, slots = _prefill_rows(engine, state, slots, placed, p)
+            state, slots = _prefill_rows(engine, state, slots, placed, p, length)
         if all(r is None for r in slot_row):
             return
         min_free = min(len(waiting), refill_min) if waiting else b + 1
         max_steps = stop_check_every if stop_strings else np.iinfo(np.int32).max
-        state, slots, _ = engine.decode(state, slots, stop_table, max_steps, min_free)
+        state, slots, _ = engine.decode(state, slots, stop_table, max_steps, min_free, length)
         active, n_out, out = jax.device_get((slots.active, slots.n_out, slots.out))
         kill = np.zeros((b,), bool)
         for s, r in enumerate(slot_row):
@@ -298,11 +300,11 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
             results[r.index] = _finish(r, ids, tokenizer, stop_set, stop_strings)
             slot_row[s] = None
         if kill.any():
-            slots = engine.deactivate(slots, kill)
+            slots = engine.deactivate(slots, kill, length)
 
 
 def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[int, _Row]],
-                  p: int) -> tuple[State, Slots]:
+                  p: int, length: int) -> tuple[State, Slots]:
     """Prefills prompt[:-1] of the placed rows into their slots, P rows per call, in chunks."""
     pad = p - len(placed)
     new = NewRows(
@@ -323,7 +325,7 @@ def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple
             positions[i, : len(ctx)] = np.arange(start, start + len(ctx))
         # A call with no context tokens still places the rows (their first decode step, at
         # position 0, resets the slot's state).
-        state, slots = engine.prefill(state, slots, tokens, positions, new)
+        state, slots = engine.prefill(state, slots, tokens, positions, new, length)
         start += t
         if start >= n_ctx:
             return state, slots
