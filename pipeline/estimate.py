@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline import calibration
 from pipeline.predictor import CONTEXT, QUESTION, TEXT, GenSettings, prompt_setup
-from pipeline.preflight import Plan
+from pipeline.plan import Plan
 from pipeline.read import ReadSettings, read_unit
 from pipeline.spec import JobSpec
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobError
 from pipeline.output import OutputDir
-from pipeline.preflight import Plan, ReadUnit
+from pipeline.plan import Plan, ReadUnit
 from pipeline.spec import JobSpec
 from pipeline.storage import Dir, get_fs
 

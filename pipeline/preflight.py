@@ -6,7 +6,6 @@ naming the shard and column (exit code 2); nothing is written.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -15,45 +14,12 @@ import pyarrow.parquet as pq
 
 from pipeline import ray_env
 from pipeline.errors import InputError, JobError
-from pipeline.output import CONTRACT_FIELDS, RESERVED, Mode, OutputDir
+from pipeline.output import RESERVED, Mode, OutputDir
+from pipeline.plan import Plan, ReadUnit
 from pipeline.spec import JobSpec
 from pipeline.storage import Shard, get_fs, list_shards
 
 UNIT_ROWS = 2048  # rows per read task, at most (whole row groups)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadUnit:
-    """Row groups of one shard read by one task; `first_row` numbers derived ids."""
-
-    url: str
-    name: str
-    row_groups: tuple[int, ...]
-    first_row: int
-    num_rows: int
-    rows: tuple[int, ...] | None = None  # incremental: offsets in the unit to read; None = all
-
-
-@dataclasses.dataclass
-class Plan:
-    """What preflight found: the work to do and the output schema."""
-
-    shards: list[Shard]
-    units: list[ReadUnit]
-    total_rows: int
-    id_type: pa.DataType  # int64 or string (derived ids are strings)
-    derived_ids: bool
-    read_columns: list[str]  # columns read from the shards
-    carry: dict[str, str]  # input column -> output column name
-    carry_schema: pa.Schema  # types of carried columns (output names)
-    done_ids: set = dataclasses.field(default_factory=set)
-    resumed: bool = False
-    increment: Any = None  # pipeline.ledger.Increment of an incremental run
-    id_column: str | None = None  # the input's id column (None: ids derived from shard and row)
-
-    def output_schema(self) -> pa.Schema:
-        fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]
-        return pa.schema(fields + list(self.carry_schema))
 
 
 def _is_text(t: pa.DataType) -> bool:

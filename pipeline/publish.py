@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import JobError
 from pipeline.output import OutputDir
-from pipeline.preflight import Plan
+from pipeline.plan import Plan
 from pipeline.spec import JobSpec
 
 log = logging.getLogger(__name__)

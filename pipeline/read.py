@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.predictor import CONTEXT, QUESTION, TEXT
-from pipeline.preflight import Plan, ReadUnit
+from pipeline.plan import Plan, ReadUnit
 from pipeline.spec import JobSpec
 from pipeline.storage import get_fs
 

@@ -28,7 +28,8 @@ from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
 from pipeline.phases import PhaseBoard, phase_text
 from pipeline.predictor import HIDDEN, PLACEMENT, GenSettings, Predictor, batch_records
-from pipeline.preflight import Plan, preflight
+from pipeline.plan import Plan
+from pipeline.preflight import preflight
 from pipeline.progress import Progress, choose_mode
 from pipeline.publish import AttemptStats, compact_parts, run_summary, write_side_files
 from pipeline.read import ReadSettings, read_batch, read_unit, unit_to_json
