@@ -44,23 +44,30 @@ class PhaseBoard:
         self._actor = ray.remote(num_cpus=0, max_restarts=0)(_Board).options(
             name=self.name, lifetime=None).remote()
         self._on_phase = on_phase
+        self._seen = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
-    def _poll(self) -> None:
+    def flush(self) -> None:
+        """Shows the reports not shown yet, in order (the poller calls it; the driver also
+        does right before its first row, so no phase reported before it is lost)."""
         import ray
 
-        seen = 0
-        while not self._stop.wait(POLL_S):
+        with self._lock:
             try:
-                new = ray.get(self._actor.since.remote(seen), timeout=5)
+                new = ray.get(self._actor.since.remote(self._seen), timeout=5)
             except Exception as e:  # noqa: BLE001 - progress is best effort
                 log.debug("phase board read failed: %s", e)
-                continue
-            seen += len(new)
+                return
+            self._seen += len(new)
             for phase in new:  # each in turn: a short phase is still shown (and logged)
                 self._on_phase(phase)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self.flush()
 
     def close(self) -> None:
         import ray
@@ -80,7 +87,8 @@ class PhaseReporter:
         self._name, self._handle = name, None
         self._who = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
-    def __call__(self, phase: str) -> None:
+    def __call__(self, phase: str, wait: bool = False) -> None:
+        """Sends `phase`; `wait`: until the board has it (and every earlier report of ours)."""
         if not self._name:
             return
         try:
@@ -88,7 +96,9 @@ class PhaseReporter:
 
             if self._handle is None:
                 self._handle = ray.get_actor(self._name)
-            self._handle.report.remote(self._who, phase)
+            ref = self._handle.report.remote(self._who, phase)
+            if wait:
+                ray.get(ref, timeout=5)
         except Exception as e:  # noqa: BLE001 - the board may be gone; the job goes on
             log.debug("phase report failed: %s", e)
             self._name = None
@@ -100,11 +110,12 @@ class PhaseReporter:
 
         last = [count()]
 
-        def tick() -> None:
+        def tick(final: bool = False) -> None:
             now = count()
-            if now != last[0]:
+            if now != last[0] or final:
                 last[0] = now
-                self(f"first batch: {now} of up to {max(planned, now)} programs compiled")
+                self(f"first batch: {now} of up to {max(planned, now)} programs compiled",
+                     wait=final)
 
         def loop() -> None:
             while not stop.wait(0.25):
@@ -116,7 +127,9 @@ class PhaseReporter:
         def stopper() -> None:
             stop.set()
             t.join(timeout=1)
-            tick()  # a first batch faster than one tick still says what it compiled
+            # Always, and waited for: the board has every phase before the batch's rows reach
+            # the driver (which reads the board before showing its first row).
+            tick(final=True)
 
         return stopper
 

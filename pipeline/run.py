@@ -101,6 +101,8 @@ def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str
             stats.latencies.extend(r["latency_s"] for r in records)
             stats.placements.update(batch.column(PLACEMENT).unique().to_pylist())
             table = batch.drop_columns(list(HIDDEN))
+            if seq == 0:
+                board.flush()  # every phase before the first row is shown before it
             if seq == 0 and not plan.resumed:
                 out.write_run_record(json.loads(spec.model_dump_json()), attempt)
             out.commit(attempt, seq, table, batches=records)
