@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 from pipeline import calibration
@@ -40,37 +39,18 @@ def sample_rows(spec: JobSpec, plan: Plan, limit: int = SAMPLE_ROWS) -> tuple[li
     return rows[:limit], todo
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tokenizing:
-    """What counting prompts needs of a model: its tokenizer, config and prompt format."""
-
-    tokenizer: Any
-    config: Any
-    prompt_format: str
-
-
 def load_for_counting(spec: JobSpec) -> Any:
-    """The tokenizer, context length and prompt format the actors will use. Random presets and
-    HF directories are read without their weights; other sources are loaded whole."""
-    from model.checkpoints.source import config_of, prompt_format_of, read_config_json, resolve
+    """The tokenizer, context length and prompt format the actors will use, read without the
+    weights (an Orbax directory, whose config lives in its parameters, is loaded whole)."""
+    from model.checkpoints import load_text_side
 
     fmt = None if spec.prompt_format == "auto" else spec.prompt_format
-    src = resolve(spec.model)
-    if src.kind == "random":
-        from model.tokenizer import ByteTokenizer
+    text = load_text_side(spec.model)
+    if text is None:
+        from model import load_model
 
-        cfg = config_of(src)
-        return _Tokenizing(ByteTokenizer(cfg.vocab_size), cfg, fmt or "completion")
-    if src.kind == "hf" and src.path is not None and (src.path / "tokenizer.model").exists():
-        from model.tokenizer import SentencePieceTokenizer
-
-        c = read_config_json(src.path)
-        auto = prompt_format_of([src.path.name, Path(str(c.get("_name_or_path", ""))).name])
-        return _Tokenizing(SentencePieceTokenizer.from_file(src.path / "tokenizer.model"),
-                           config_of(src), fmt or auto)
-    from model import load_model
-
-    return load_model(spec.model, dtype=spec.dtype, prompt_format=fmt)
+        return load_model(spec.model, dtype=spec.dtype, prompt_format=fmt)
+    return dataclasses.replace(text, prompt_format=fmt or text.prompt_format)
 
 
 def count_tokens(spec: JobSpec, plan: Plan, model: Any, limit: int = SAMPLE_ROWS

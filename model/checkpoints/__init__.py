@@ -6,8 +6,9 @@ Importing this package, `resolve`, `check` and `config_of` do not import JAX; `l
 when called.
 """
 
-from model.checkpoints.load import Loaded, load
+from model.checkpoints.load import Loaded, TextSide, load, load_text_side
 from model.checkpoints.source import Source, check, config_of, resolve
 from model.errors import CheckpointError
 
-__all__ = ["Source", "Loaded", "resolve", "check", "config_of", "load", "CheckpointError"]
+__all__ = ["Source", "Loaded", "resolve", "check", "config_of", "load", "TextSide",
+           "load_text_side", "CheckpointError"]

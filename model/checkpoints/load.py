@@ -1,5 +1,6 @@
 """`load(source, dtype)`: config, parameters, tokenizer and prompt format of any model source,
-one reader per kind (random preset, embedded GGUF, GGUF file, HF directory, Orbax directory)."""
+one reader per kind (random preset, embedded GGUF, GGUF file, HF directory, Orbax directory);
+`load_text_side(source)`: the same without the weights (config, tokenizer, prompt format)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,58 @@ def load(source: str | Path | Source, dtype: Any, seed: int = 0) -> Loaded:
     return _orbax(src.path, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class TextSide:
+    """What building and counting a model's prompts needs, read without its weights."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    prompt_format: str  # "chat" | "completion"
+
+
+def load_text_side(source: str | Path | Source) -> TextSide | None:
+    """The config, tokenizer and prompt format of a source, without reading its weights; None
+    for an Orbax directory (its config comes from its parameter tree: `load` it).
+
+    Raises:
+      CheckpointError: as `load`.
+    """
+    src = resolve(source)
+    if src.kind == "random":
+        from model.tokenizer import ByteTokenizer
+
+        cfg = PRESETS[src.name]
+        return TextSide(cfg, ByteTokenizer(cfg.vocab_size), "completion")
+    if src.kind in ("embedded", "gguf"):
+        from model.checkpoints.gguf import checkpoint_info
+        from model.checkpoints.gguf_format import open_gguf
+        from model.config import GemmaConfig
+        from model.sp_model import sp_model_proto_from_gguf
+        from model.tokenizer import SentencePieceTokenizer
+
+        if src.kind == "embedded":
+            from model.embedded import embedded_gguf_path
+
+            path = embedded_gguf_path()
+        else:
+            path = src.path
+        g, where = open_gguf(path), str(path)
+        cfg = GemmaConfig.from_gguf_metadata(g.metadata, {t.name: t.shape for t in g.tensors},
+                                             where)
+        info = checkpoint_info(g.metadata, g.tensors, where)
+        tokenizer = SentencePieceTokenizer(sp_model_proto_from_gguf(g.metadata, where))
+        return TextSide(cfg, tokenizer, info.get("prompt_format", "completion"))
+    if src.kind == "hf":
+        c = read_config_json(src.path)
+        return TextSide(hf_config(src.path, c), _tokenizer_beside(src.path),
+                        _hf_prompt_format(src.path, c))
+    return None
+
+
+def _hf_prompt_format(path: Path, c: dict[str, Any]) -> str:
+    return prompt_format_of([path.name, Path(str(c.get("_name_or_path", ""))).name])
+
+
 def _random(name: str, dtype: Any, seed: int) -> Loaded:
     import jax
 
@@ -83,8 +136,7 @@ def _hf(path: Path, dtype: Any) -> Loaded:
     else:
         from model.checkpoints.hf import load_params
     params = load_params(path, cfg, dtype)
-    fmt = prompt_format_of([path.name, Path(str(c.get("_name_or_path", ""))).name])
-    return Loaded(path.name, cfg, params, _tokenizer_beside(path), fmt,
+    return Loaded(path.name, cfg, params, _tokenizer_beside(path), _hf_prompt_format(path, c),
                   {"source": str(path), "model_type": c["model_type"]})
 
 
