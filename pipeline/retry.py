@@ -28,8 +28,8 @@ from pipeline.preflight import preflight
 from pipeline.progress import Progress, choose_mode
 from pipeline.publish import AttemptStats, compact_parts, run_summary, write_side_files
 from pipeline.report import read_batches
-from pipeline.run import _generate_and_commit
 from pipeline.spec import JobSpec
+from pipeline.stream import generate_and_commit
 
 # Fields that say which rows and columns the output holds: a retry must keep them.
 _IDENTITY = ("input", "task", "id_column", "text_column", "question_column", "context_column",
@@ -82,7 +82,7 @@ def retry_errors(spec: JobSpec, *, progress: bool | None = None, debug: bool = F
             out.write_run_record(now, attempt)
         plan.done_ids, plan.resumed = all_ids - todo, True
         prog = Progress(len(todo), mode=choose_mode(progress))
-        _generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+        generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
         stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
         retried = out.done_ids()
         if not error_ids <= retried:

@@ -11,34 +11,19 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import signal
 import time
 import uuid
-import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline import ray_env
-from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
-from pipeline.phases import PhaseBoard, phase_text
-from pipeline.predictor import HIDDEN, PLACEMENT, GenSettings, Predictor, batch_records
 from pipeline.plan import Plan
 from pipeline.preflight import preflight
 from pipeline.progress import Progress, choose_mode
 from pipeline.publish import AttemptStats, compact_parts, run_summary, write_side_files
-from pipeline.read import ReadSettings, read_batch, read_unit, unit_to_json
 from pipeline.spec import JobSpec
-
-log = logging.getLogger(__name__)
-
-# Fault injection for tests only: SIGKILL the driver right after committing this many parts.
-_KILL_AFTER_PARTS_ENV = "_GEMMA_BATCH_TEST_KILL_DRIVER_AFTER_PARTS"
+from pipeline.stream import generate_and_commit
 
 
 def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
@@ -70,7 +55,7 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
     t_gen = time.perf_counter()
     stats = AttemptStats(mode=mode)
     if todo > 0 and plan.units:
-        _generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+        generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
     stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
     stats.wall_s = time.perf_counter() - t_gen
     compacted = compact_parts(out, plan, spec.rows_per_output_shard)
@@ -81,99 +66,3 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
     if plan.increment is not None:  # only now: a run killed before publishing marks nothing done
         plan.increment.record(out, compacted.names, attempt)
     return summary
-
-
-def _generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str, prog: Progress,
-                         stats: AttemptStats, debug: bool,
-                         on_commit: Callable[[pa.Table], None] | None) -> None:
-    """Streams the pipeline's batches and commits each as a part; notes their latencies and the
-    actors' placements in `stats`."""
-    kill_after = int(os.environ.get(_KILL_AFTER_PARTS_ENV, "0") or 0)
-    seq = 0
-    board = _start_ray(prog, debug)
-    r = spec.resources
-    prog.set_phase(phase_text("actors", n=r.num_actors or r.min_actors))
-    try:
-        for batch in _batches(spec, plan, debug, board.name, prog.mode == "bar"):
-            if batch.num_rows == 0:
-                continue
-            records = batch_records(batch)
-            stats.latencies.extend(r["latency_s"] for r in records)
-            stats.placements.update(batch.column(PLACEMENT).unique().to_pylist())
-            table = batch.drop_columns(list(HIDDEN))
-            if seq == 0:
-                board.flush()  # every phase before the first row is shown before it
-            if seq == 0 and not plan.resumed:
-                out.write_run_record(json.loads(spec.model_dump_json()), attempt)
-            out.commit(attempt, seq, table, batches=records)
-            seq += 1
-            errs = pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
-            prog.add(table.num_rows, pc.sum(table.column("output_tokens")).as_py() or 0, errs)
-            if on_commit is not None:
-                on_commit(table)
-            if kill_after and seq >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    except (InputError, JobError):
-        raise
-    except KeyboardInterrupt:
-        raise JobError(
-            f"interrupted; {prog.rows} rows are committed under {spec.output}/_parts; "
-            "rerun with --resume to finish") from None
-    except Exception as e:  # noqa: BLE001 - Ray wraps the real failure
-        if debug:
-            log.exception("pipeline failed")
-        kept = (f"{prog.rows + len(plan.done_ids)} rows committed; fix the cause and rerun "
-                "with --resume") if prog.rows or plan.resumed else "nothing was written"
-        raise JobError(f"generation failed: {root_cause(e)} ({kept})") from e
-    finally:
-        board.close()
-        prog.stop()
-
-
-def _start_ray(prog: Progress, debug: bool) -> PhaseBoard:
-    """Starts the progress display, then Ray (its phase shown), then the actors' phase board."""
-    prog.start()
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            prog.set_phase(phase_text("ray_connect" if os.environ.get("RAY_ADDRESS")
-                                      else "ray_start"))
-        ray_env.ensure_ray(debug)
-        return PhaseBoard(prog.set_phase)
-    except BaseException:
-        prog.stop()
-        raise
-
-
-def _batches(spec: JobSpec, plan: Plan, debug: bool, phase_board: str | None = None,
-             own_bar: bool = False) -> Iterator[pa.Table]:
-    """Builds the Ray Data pipeline (read -> one block per batch -> actors) and yields its
-    finished output batches."""
-    import ray.data
-
-    # Ray Data's own bars only for --debug on a terminal, and never beside ours.
-    ray_env.quiet_data_context(debug, ray_bars=debug and not own_bar)
-    rs = ReadSettings.of(spec, plan)
-    units = plan.units
-    if all(not u.url.startswith("memory://") for u in units):
-        ds = ray.data.from_items([{"unit": unit_to_json(u)} for u in units],
-                                 override_num_blocks=len(units))
-        ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"rs": rs}, num_cpus=ray_env.READ_TASK_CPUS)
-    else:  # memory:// lives in this process only: read it here
-        tables = [read_unit(u, rs) for u in units]
-        ds = ray.data.from_arrow([t for t in tables if t.num_rows] or tables[:1])
-    # One block per generate batch: an actor task is then one batch, so the driver commits (and
-    # --resume keeps) work batch by batch, and a lost actor costs only its in-flight batches.
-    ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
-    ray_env.light_repartition(ds)
-    with warnings.catch_warnings():
-        # max_restarts / max_task_retries have no named parameter yet; we want them explicit
-        # (Ray Data's default retries forever, which loops on a batch that kills every actor).
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        gs = GenSettings.of(spec, plan.output_schema(), phase_board)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs={"settings": gs},
-                            batch_size=spec.batch_size, batch_format="pyarrow",
-                            **ray_env.actor_options(spec, ray_env.cluster_cpus()))
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
