@@ -20,7 +20,6 @@ from model.errors import CheckpointError
 
 _IGNORED = ("lm_head.weight",)  # tied to the embedding
 
-config_from_hf = GriffinConfig.from_hf  # the reader's name for the config constructor
 
 
 def _expected(cfg: GriffinConfig) -> dict[str, tuple[int, ...]]:
@@ -46,7 +45,7 @@ def check_config(directory: Path, cfg: GriffinConfig) -> None:
         if a != b:
             raise CheckpointError(
                 f"{path}: {name} mismatch: the checkpoint has {a}, the requested config has "
-                f"{b}; load it with the checkpoint's own config (config_from_hf)")
+                f"{b}; load it with the checkpoint's own config (GriffinConfig.from_hf)")
 
 
 def load_params(directory: str | Path, cfg: GriffinConfig, dtype: Any = None) -> dict:

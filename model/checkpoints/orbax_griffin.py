@@ -25,8 +25,6 @@ from model.checkpoints import griffin_names as names
 from model.config import GriffinConfig
 from model.errors import CheckpointError
 
-config_from_tree = GriffinConfig.from_flax_params  # the reader's name for the config constructor
-
 
 def restore_tree(path: str | Path) -> dict[str, Any]:
     """Reads an Orbax PyTree checkpoint into a nested dict of host numpy arrays."""

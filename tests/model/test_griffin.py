@@ -17,7 +17,7 @@ import transformers
 
 from model import griffin
 from model.checkpoints import hf_griffin
-from model.config import PRESETS, PUBLISHED_SIZES
+from model.config import PRESETS, PUBLISHED_SIZES, GriffinConfig
 
 WINDOW = 16
 T = 64
@@ -46,7 +46,7 @@ def ref(tmp_path_factory):
     m = tiny_hf_model()
     d = tmp_path_factory.mktemp("hf_rg")
     m.save_pretrained(d, safe_serialization=True)
-    cfg = hf_griffin.config_from_hf(json.loads((d / "config.json").read_text()))
+    cfg = GriffinConfig.from_hf(json.loads((d / "config.json").read_text()))
     params = hf_griffin.load_params(d, cfg, jnp.float32)
     toks = np.random.RandomState(0).randint(3, 384, size=(2, T)).astype(np.int32)
     with torch.no_grad():

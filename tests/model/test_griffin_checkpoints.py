@@ -50,7 +50,7 @@ def _copy(src, tmp_path):
 
 
 def _cfg(d):
-    return hf_griffin.config_from_hf(json.loads((d / "config.json").read_text()))
+    return GriffinConfig.from_hf(json.loads((d / "config.json").read_text()))
 
 
 def test_sharded_checkpoint_loads_the_same(hf_dir, tmp_path):
@@ -91,9 +91,9 @@ def test_conv_width_mismatch_is_refused(hf_dir, tmp_path):
 
 def test_bad_config_json_fields_are_named():
     with pytest.raises(CheckpointError, match="hidden_size"):
-        hf_griffin.config_from_hf({"model_type": "recurrent_gemma", "num_attention_heads": 4})
+        GriffinConfig.from_hf({"model_type": "recurrent_gemma", "num_attention_heads": 4})
     with pytest.raises(CheckpointError, match="partial_rotary_factor"):
-        hf_griffin.config_from_hf({"hidden_size": 48, "num_attention_heads": 4,
+        GriffinConfig.from_hf({"hidden_size": 48, "num_attention_heads": 4,
                                    "num_hidden_layers": 3, "vocab_size": 10,
                                    "intermediate_size": 96, "partial_rotary_factor": 1.0})
 
@@ -240,7 +240,7 @@ def test_published_configs_map_to_the_preset():
     from model.config import PRESETS
 
     preset = PRESETS["recurrentgemma-2b"]
-    assert hf_griffin.config_from_hf(RG2B_CONFIG_JSON) == preset
+    assert GriffinConfig.from_hf(RG2B_CONFIG_JSON) == preset
     # A full-size Flax tree made of zero-stride arrays (no memory): shapes alone give the config.
     tree: dict = {}
     for name, shape in orbax_griffin._expected(preset).items():
@@ -249,7 +249,7 @@ def test_published_configs_map_to_the_preset():
         for k in parents:
             node = node.setdefault(k, {})
         node[leaf] = np.broadcast_to(np.float32(0), shape)
-    assert orbax_griffin.config_from_tree(tree) == preset
+    assert GriffinConfig.from_flax_params(tree) == preset
     del tree["blocks.25"]
     with pytest.raises(CheckpointError, match="25 blocks, but a RecurrentGemma of width 2560 has 26"):
-        orbax_griffin.config_from_tree(tree)
+        GriffinConfig.from_flax_params(tree)
