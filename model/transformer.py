@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from model import packed
 from model.config import GemmaConfig
 from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
                           write_slots)
@@ -265,4 +266,80 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
         pos_global=scatter_slots(pos_g, slots_g, positions),
         pos_local=scatter_slots(pos_l, slots_l, positions),
     )
+    return logits, new_state
+
+
+def _scatter_rows_last(cache: Array, rows: Array, slots: Array, values: Array) -> Array:
+    """cache[rows[n], :, :, slots[n]] = values[n] for a slots-last cache [B, K, Dh, S]
+    (values [N, K, Dh]; out-of-range rows or slots are dropped)."""
+    idx = jnp.stack([rows, slots], axis=-1)  # [N, 2]
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=(0, 3),
+        scatter_dims_to_operand_dims=(0, 3))
+    return jax.lax.scatter(cache, idx, values.astype(cache.dtype), dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+                           unique_indices=False, indices_are_sorted=False)
+
+
+def forward_packed(params: Params, pack: packed.Pack, state: KVState, prefix: KVState,
+                   prefix_len: int, span: int, cfg: GemmaConfig) -> tuple[Array, KVState]:
+    """Prefills packed segments (model/packed.py) that all continue `prefix`.
+
+    Args:
+      pack: N tokens of several rows; each segment's positions continue the prefix.
+      state: caches of B rows; each token's K/V is written into row `pack.row` (the rows were
+        set to a copy of the prefix before, by the engine).
+      prefix: a 1-row KVState holding the shared prefix (an empty state: no prefix).
+      prefix_len: static bound on the prefix's length (which cache slots it can occupy).
+      span: static bound on a segment's length in this pack.
+    Returns:
+      (logits [N, V] float32, garbage at padding; the updated state).
+    """
+    dtype = params["embed"].dtype
+    pos = pack.positions
+    x = params["embed"][pack.tokens][None] * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+    kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    size_g, size_l = state.pos_global.shape[1], state.pos_local.shape[1]
+    slot_g = packed.write_index(pack, size_g, ring=False)
+    slot_l = packed.write_index(pack, size_l, ring=True)
+    new_k, new_v = list(state.k), list(state.v)
+    for i, layer in enumerate(params["layers"]):
+        local = cfg.layer_types[i] == "local"
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
+        q = dot("btd,dhk->bthk", h, layer["q"])[0]  # [N, H, Dh]
+        k = dot("btd,dnk->btnk", h, layer["k"])[0]  # [N, K, Dh]
+        v = dot("btd,dnk->btnk", h, layer["v"])[0]
+        if cfg.qk_norm:
+            q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
+            k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
+        base = cfg.rope_base_local if local else cfg.rope_base_global
+        scale = 1.0 if local else cfg.rope_scale_global
+        q = rope(q[None], pos[None], base, scale)[0]
+        k = rope(k[None], pos[None], base, scale)[0]
+        q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+        ppos = prefix.pos_local[0] if local else prefix.pos_global[0]
+        c = packed.ctx_slots(ppos.shape[0], prefix_len)
+        ctx_k = prefix.k[i][0, :c]  # [C, K, Dh]
+        ctx_v = jnp.transpose(prefix.v[i][0, :, :, :c], (2, 0, 1))
+        out = packed.attention(q.reshape(-1, kh, g, dh), k, v, pack, ctx_k, ctx_v, ppos[:c],
+                               span, cfg.sliding_window if local else None, cfg.attn_softcap)
+        out = out.reshape(1, -1, cfg.num_heads * dh).astype(x.dtype)
+        o = layer["o"].reshape(cfg.num_heads * dh, -1)
+        h = dot("btf,fd->btd", out, o)
+        if cfg.post_norms:
+            h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
+        x = x + h
+        h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
+        if cfg.post_norms:
+            h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
+        x = x + h
+        slot = slot_l if local else slot_g
+        new_k[i] = new_k[i].at[pack.row, slot].set(k.astype(new_k[i].dtype), mode="drop")
+        new_v[i] = _scatter_rows_last(new_v[i], pack.row, slot, v)
+    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    logits = unembed(x, params["embed"], cfg.final_softcap)[0]
+    new_state = KVState(
+        k=tuple(new_k), v=tuple(new_v),
+        pos_global=state.pos_global.at[pack.row, slot_g].set(pos, mode="drop"),
+        pos_local=state.pos_local.at[pack.row, slot_l].set(pos, mode="drop"))
     return logits, new_state
