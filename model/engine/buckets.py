@@ -4,8 +4,13 @@ The engine rounds every dynamic size up to a small fixed set of buckets so that 
 thousands of differently sized prompts compiles a handful of programs:
   * batch: number of decode slots B, and rows per prefill call P;
   * length: cache length L (prompt + max_new_tokens, rounded up);
-  * chunk: tokens per prefill call T (prompts longer than the largest chunk are prefilled in
-    chunks of that size, so peak activation memory is bounded).
+  * pack: tokens N of a packed prefill call (several rows' prompts in one sequence, so prefill
+    cost follows the real token count);
+  * span: the longest segment a pack holds (a row's prompt past the largest span continues in
+    chunks);
+  * chunk: tokens per row of a chunked prefill call T (the part of a prompt past the largest
+    span, in chunks of at most the largest, so peak activation memory is bounded).
+Steps between buckets are about 1.25-1.5x (padding stays small) and a job meets a handful.
 Every compile is logged (program, shapes, seconds) and counted in its engine's `CompileLog`.
 """
 
@@ -40,17 +45,31 @@ class Buckets:
     """The shape buckets of one engine (a config setting; hashable).
 
     Attributes:
-      batch: allowed batch sizes (decode slots and prefill rows), ascending.
+      batch: allowed batch sizes (decode slots and chunked-prefill rows), ascending.
       length: allowed cache lengths (prompt + max_new_tokens, rounded up), ascending.
-      chunk: allowed prefill chunk lengths, ascending; the largest is the prefill chunk size.
+      chunk: allowed chunked-prefill lengths, ascending; the largest is the chunk size.
+      pack: allowed packed-prefill lengths N (multiples of 64), ascending.
+      span: allowed bounds on one row's tokens in a pack (multiples of 64), ascending; the
+        largest is the most of a row's prompt one packed call takes.
     """
 
-    batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    length: tuple[int, ...] = (256, 1024, 4096, 16_384, 65_536, 131_072)
+    batch: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    length: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
+                               6144, 8192, 12_288, 16_384, 32_768, 65_536, 131_072)
     chunk: tuple[int, ...] = (32, 128, 512)
+    pack: tuple[int, ...] = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280,
+                             1536, 1792, 2048)
+    span: tuple[int, ...] = (64, 128, 256, 512, 1024)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "length", "chunk"):
+        for name in ("pack", "span"):
+            if any(v % 64 for v in getattr(self, name)):
+                raise ValueError(f"Buckets.{name} must be multiples of 64, got "
+                                 f"{getattr(self, name)}")
+        if self.span and self.pack and self.span[-1] > self.pack[-1]:
+            raise ValueError(f"Buckets.span's largest ({self.span[-1]}) must fit the largest "
+                             f"pack ({self.pack[-1]})")
+        for name in ("batch", "length", "chunk", "pack", "span"):
             v = getattr(self, name)
             if not v or list(v) != sorted(set(v)) or v[0] < 1:
                 raise ValueError(f"Buckets.{name} must be distinct positive ints in ascending "
@@ -78,6 +97,22 @@ class Buckets:
     def chunk_bucket(self, n: int) -> int:
         return min(round_up(max(n, 1), self.chunk, "chunk length"), self.chunk_size)
 
+    @property
+    def pack_size(self) -> int:
+        """The most tokens one packed prefill call takes."""
+        return self.pack[-1]
+
+    @property
+    def span_max(self) -> int:
+        """The most of one row's prompt a packed call takes (the rest goes in chunks)."""
+        return self.span[-1]
+
+    def pack_bucket(self, n: int) -> int:
+        return min(round_up(max(n, 1), self.pack, "pack length"), self.pack_size)
+
+    def span_bucket(self, n: int) -> int:
+        return min(round_up(max(n, 1), self.span, "span"), self.span_max)
+
 
 DEFAULT_BUCKETS = Buckets()
 
@@ -87,6 +122,7 @@ class CompileRecord:
     program: str
     shapes: str
     seconds: float
+    key: Hashable = None  # the program's cache key: (program, shapes...)
 
 
 class CompileLog:
@@ -107,7 +143,7 @@ class CompileLog:
             compiled = build()
             dt = time.perf_counter() - t0
             self._programs[key] = compiled
-            self.records.append(CompileRecord(program, shapes, dt))
+            self.records.append(CompileRecord(program, shapes, dt, key))
             log.info("compiled %s %s in %.2fs", program, shapes, dt)
             return compiled
 

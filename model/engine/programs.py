@@ -9,6 +9,8 @@ S = stop-token table size.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -23,6 +25,33 @@ from model.family import Family, Params, State
 
 Array = jax.Array
 NO_SLOT = -1  # NewRows.slot of a padding row
+
+
+@dataclasses.dataclass
+class PrefillStats:
+    """Prefill work of one engine, cumulative (`padding_ratio`: computed / real tokens).
+
+    Attributes:
+      real_tokens: prompt tokens fed to the model (prefixes counted once per compute).
+      padded_tokens: token slots the prefill programs computed (real + padding).
+      prompt_tokens: tokens of the prompts placed (what prefilling each row in full feeds).
+      prefix_rows: rows that started from a prefilled prefix; prefix_tokens: tokens they skipped.
+      prefixes_computed: prefixes prefilled (each once per engine while cached).
+    """
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    prompt_tokens: int = 0
+    prefix_rows: int = 0
+    prefix_tokens: int = 0
+    prefixes_computed: int = 0
+
+    @property
+    def padding_ratio(self) -> float:
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "padding_ratio": round(self.padding_ratio, 4)}
 
 
 class RowSettings(NamedTuple):
@@ -118,12 +147,60 @@ def put_rows(state: State, rows: State, axes: Any, idx_p: Array) -> State:
     return jax.tree_util.tree_map(put, state, rows, axes)
 
 
+def _keep(state: State) -> State:
+    return state
+
+
+def copy_prefix(state: State, prefix: State, axes: Any, idx_p: Array) -> State:
+    """Sets rows idx_p of every state leaf to the 1-row `prefix` (out-of-range rows dropped).
+
+    The prefix has the state's shapes but one row, so a row starts as an exact copy of the
+    prompt frame's caches (rings included) or recurrent state; an empty prefix empties it.
+    """
+    def put(leaf: Array, pre: Array, ax: int | None) -> Array:
+        if ax is None:
+            return leaf
+        rows = jnp.broadcast_to(pre, pre.shape[:ax] + idx_p.shape + pre.shape[ax + 1:])
+        index = (slice(None),) * ax + (idx_p,)
+        return leaf.at[index].set(rows.astype(leaf.dtype), mode="drop")
+
+    return jax.tree_util.tree_map(put, state, prefix, axes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Programs (pure functions; compiled per shape bucket by `Engine`).
 
 
-def _keep(state: State) -> State:
-    return state
+def _place(slots: Slots, new: NewRows, idx_p: Array) -> Slots:
+    """Writes the new rows' bookkeeping into their slots (n_out = 0 hides old tokens)."""
+    fresh = dict(active=jnp.ones_like(new.slot, bool), last_token=new.last_token,
+                 pos=new.pos, n_out=jnp.zeros_like(new.slot), settings=new.settings)
+    old = {name: getattr(slots, name) for name in fresh}
+
+    def place(x: Array, v: Array) -> Array:
+        return x.at[idx_p].set(v.astype(x.dtype), mode="drop")
+
+    return slots._replace(**jax.tree_util.tree_map(place, old, fresh))
+
+
+def packed_program(family: Family, cfg: ModelConfig, axes: Any, prefix_len: int, span: int,
+                   constrain: Callable[[State], State] = _keep) -> Callable:
+    """(params, state, slots, prefix, pack, new) -> (state, slots).
+
+    Sets the new rows to a copy of `prefix` (a 1-row state), feeds the packed segments
+    (model/packed.py) through `family.forward_packed` and places the rows. `prefix_len` and
+    `span` are static bounds (prefix slots read; longest segment).
+    """
+
+    def prefill(params: Params, state: State, slots: Slots, prefix: State, pack: Any,
+                new: NewRows) -> tuple[State, Slots]:
+        b = slots.active.shape[0]
+        idx_p = jnp.where(new.slot >= 0, new.slot, b)
+        state = copy_prefix(state, prefix, axes, idx_p)
+        _, state = family.forward_packed(params, pack, state, prefix, prefix_len, span, cfg)
+        return constrain(state), _place(slots, new, idx_p)
+
+    return prefill
 
 
 def prefill_program(family: Family, cfg: ModelConfig, axes: Any,
@@ -140,15 +217,7 @@ def prefill_program(family: Family, cfg: ModelConfig, axes: Any,
         rows = take_rows(state, axes, idx_p)
         _, rows = family.forward(params, tokens_pt, positions_pt, rows, cfg)
         state = constrain(put_rows(state, rows, axes, idx_p))
-        # Every per-slot field but `out` (n_out = 0 hides a reused slot's old tokens).
-        fresh = dict(active=jnp.ones_like(new.slot, bool), last_token=new.last_token,
-                     pos=new.pos, n_out=jnp.zeros_like(new.slot), settings=new.settings)
-        old = {name: getattr(slots, name) for name in fresh}
-
-        def place(x: Array, v: Array) -> Array:
-            return x.at[idx_p].set(v.astype(x.dtype), mode="drop")
-
-        return state, slots._replace(**jax.tree_util.tree_map(place, old, fresh))
+        return state, _place(slots, new, idx_p)
 
     return prefill
 
@@ -256,6 +325,11 @@ class Engine:
         self._axes: dict[int, Any] = {}
         self._state_sh: dict[tuple[int, int], Any] = {}
         self._init: dict[tuple[int, int], Callable[[], State]] = {}
+        # Prefilled prompt prefixes (1-row states), by (tokens, cache length); see scheduler.
+        self.prefixes: collections.OrderedDict[tuple[tuple[int, ...], int], State] = (
+            collections.OrderedDict())
+        self.max_prefixes = 32
+        self.stats = PrefillStats()
 
     def __repr__(self) -> str:
         mesh = f", mesh={sharding.mesh_dict(self.mesh)}" if self.mesh is not None else ""
@@ -341,6 +415,30 @@ class Engine:
             ("prefill", b, length, o, p, t), "prefill", f"B={b} L={length} P={p} T={t}",
             lambda: self._compile(prefill_program(self.family, self.cfg, self.axes(length),
                                                   self._constrain(b, length)),
+                                  (1, 2), args, shardings))
+        return fn(*args)
+
+    def prefill_packed(self, state: State, slots: Slots, prefix: State, pack: Any,
+                       new: NewRows, length: int, prefix_len: int, span: int
+                       ) -> tuple[State, Slots]:
+        """Packed prefill (see `packed_program`) of the rows in `new` ([B] entries) from the
+        1-row `prefix` state (cache length L); pack is a host `model.packed.Pack`."""
+        b, o = slots.out.shape
+        n = len(pack.tokens)
+        prefix_len = -(-prefix_len // 64) * 64  # a bound: one program per 64 prefix tokens
+        args = (self.params, state, slots, prefix, self._put(pack), self._put(new))
+
+        def shardings() -> tuple[Any, Any]:
+            st, sl = self.state_shardings(b, length), self._slots_sh(slots)
+            rep = sharding.replicated(self.mesh)
+            return (self._param_sh, st, sl, self.state_shardings(1, length), rep, rep), (st, sl)
+
+        fn = self.compile_log.get(
+            ("packed", b, length, o, n, span, prefix_len), "packed",
+            f"B={b} L={length} N={n} span={span} prefix<={prefix_len}",
+            lambda: self._compile(packed_program(self.family, self.cfg, self.axes(length),
+                                                 prefix_len, span,
+                                                 self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)
 

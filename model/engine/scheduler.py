@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 from typing import Any, Sequence
 
 import jax
@@ -16,10 +17,12 @@ import numpy as np
 
 from model.engine import sampling
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, enable_compile_cache
-from model.engine.programs import (NO_SLOT, Engine, NewRows, RowSettings, Slots, State,
+from model import packed
+from model.engine.programs import (NO_SLOT, ROW_PAD, Engine, NewRows, RowSettings, Slots, State,
                                    settings_arrays)
 
 log = logging.getLogger(__name__)
+ROW_PAD_SETTINGS = RowSettings(*ROW_PAD)
 
 
 @dataclasses.dataclass
@@ -46,10 +49,31 @@ class _Row:
     index: int  # position in the caller's list
     prompt: list[int]
     settings: RowSettings  # Python scalars
+    prefix: tuple[int, ...] = ()  # a shared prefix the row starts from (prefilled once)
 
 
 # ----------------------------------------------------------------------------------------------
-# Shapes: slots, prefill sizes and the programs they imply.
+# Shapes: groups of rows, slots, prefill sizes and the programs they imply.
+
+
+def _groups(needs: Sequence[int], max_batch: int, buckets: Buckets) -> list[tuple[int, list[int]]]:
+    """Rows (by their cache need: prompt + max_new_tokens) -> [(cache length L, row indices)].
+
+    Rows are taken shortest first into groups of at least `max_batch` rows (a group never splits
+    rows of one length bucket), so N rows that fit the slots run in one group, as one wave; a
+    group's L is the bucket of its longest need.
+    """
+    order = sorted(range(len(needs)), key=lambda i: needs[i])
+    groups: list[tuple[int, list[int]]] = []
+    cur: list[int] = []
+    for k, i in enumerate(order):
+        cur.append(i)
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        if nxt is None or (len(cur) >= max_batch and buckets.length_bucket(needs[nxt])
+                           > buckets.length_bucket(needs[i])):
+            groups.append((buckets.length_bucket(needs[i]), cur))
+            cur = []
+    return groups
 
 
 def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch: int,
@@ -57,35 +81,41 @@ def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch:
                   refill_min: int | None = None) -> set[tuple]:
     """Upper bound on the programs `generate` may compile for these prompts (no device work).
 
-    Returns a set of (kind, shape...) tuples: per cache-length group one decode program and one
-    prefill program per (P, T) pair it may use (plus `deactivate` with stop strings), where P is
-    the refill size or the slot count and T a chunk bucket.
+    Returns a set of (kind, shape...) tuples: per group of rows (cache length L, B slots) one
+    decode program (plus `deactivate` with stop strings), packed prefills ("packed", B, L, N,
+    span) for the pack and span buckets its rows can reach, the 1-slot packed prefills of a
+    shared prefix, and chunked prefills ("prefill", B, L, P, T) for prompts past the largest
+    span.
     """
-    groups = collections.Counter(
-        buckets.length_bucket(n + max_new_tokens) for n in prompt_lengths)
+    del refill_min  # refills pack rows like the first fill: no shapes of their own
     progs: set[tuple] = set()
-    for length, count in groups.items():
-        b = _slots_for(count, max_batch, buckets)
-        longest = max(n for n in prompt_lengths
-                      if buckets.length_bucket(n + max_new_tokens) == length)
+    for length, idx in _groups([n + max_new_tokens for n in prompt_lengths], max_batch,
+                               buckets):
+        b = _slots_for(len(idx), max_batch, buckets)
+        heads = sorted((min(prompt_lengths[i] - 1, buckets.span_max) for i in idx),
+                       reverse=True)
         progs.add(("decode", b, length))
         if stop_strings:
             progs.add(("deactivate", b, length))
-        top = buckets.chunk_bucket(longest - 1)
-        chunks = [c for c in buckets.chunk if c <= top]
-        for p in _prefill_sizes(b, _refill_min(b, refill_min), buckets):
-            for t in chunks:
-                progs.add(("prefill", b, length, p, t))
+        top_n = buckets.pack_bucket(sum(heads[:b]))
+        top_span = buckets.span_bucket(heads[0])
+        for slots, top in ((b, top_n), (1, buckets.pack_bucket(heads[0]))):  # rows; a prefix
+            for n in buckets.pack:
+                for span in buckets.span:
+                    if n <= top and span <= top_span:
+                        progs.add(("packed", slots, length, n, span))
+        longest = max(prompt_lengths[i] for i in idx) - 1
+        if longest > buckets.span_max:
+            top = buckets.chunk_bucket(longest - buckets.span_max)
+            for p in (x for x in buckets.batch if x <= b):
+                for t in (c for c in buckets.chunk if c <= top):
+                    progs.add(("prefill", b, length, p, t))
+                    progs.add(("prefill", 1, length, 1, t))
     return progs
 
 
 def _refill_min(b: int, refill_min: int | None) -> int:
     return max(1, b // 4) if refill_min is None else min(max(1, refill_min), b)
-
-
-def _prefill_sizes(b: int, refill_min: int, buckets: Buckets) -> tuple[int, int]:
-    """The two prefill batch sizes used with B slots: a refill bucket, and B (initial fill)."""
-    return min(buckets.batch_bucket(refill_min), b), b
 
 
 def _slots_for(n_rows: int, max_batch: int, buckets: Buckets) -> int:
@@ -192,7 +222,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
              seed: int | Sequence[int] = 0, row_ids: Sequence[int] | None = None,
              stop_token_ids: Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, max_batch: int = 16,
-             refill_min: int | None = None, stop_check_every: int = 16) -> list[Generation]:
+             refill_min: int | None = None, stop_check_every: int = 16,
+             reuse_prefixes: bool = True) -> list[Generation]:
     """Generates a continuation for every prompt (token ids, BOS included), in input order.
 
     Args:
@@ -211,6 +242,9 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
       refill_min: with prompts waiting, the decode loop returns to the host to refill once this
         many slots are free (default: a quarter of the slots, at least 1).
       stop_check_every: with stop strings, decode steps between text checks on the host.
+      reuse_prefixes: prefill a token prefix shared by several rows (a prompt frame, a passage
+        shared by questions) once, keep it in the engine (`Engine.prefixes`), and start each
+        row from a copy of its state; results are those of prefilling every row in full.
     Returns:
       One `Generation` per prompt.
     """
@@ -239,20 +273,24 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
                  row_ids)
 
     results: list[Generation | None] = [None] * len(rows)
-    groups: dict[int, list[_Row]] = collections.defaultdict(list)
+    todo = []
     for r in rows:
         if r.settings.max_new == 0:
             results[r.index] = Generation([], "", "length", len(r.prompt), 0)
         else:
-            groups[engine.buckets.length_bucket(len(r.prompt) + r.settings.max_new)].append(r)
-    if not groups:
+            todo.append(r)
+    if not todo:
         return results  # type: ignore[return-value]
 
     enable_compile_cache()
+    if reuse_prefixes:
+        assign_prefixes(todo, [k for k, _ in engine.prefixes])
     stop_table = _stop_table([int(s) for s in stop_token_ids])
     stop_set = frozenset(int(s) for s in stop_token_ids)
-    for length in sorted(groups):
-        group = sorted(groups[length], key=lambda r: (-len(r.prompt), r.index))
+    needs = [len(r.prompt) + r.settings.max_new for r in todo]
+    for length, idx in _groups(needs, max_batch, engine.buckets):
+        # Rows of one prefix together (a refill packs them in one call), longest first.
+        group = sorted((todo[i] for i in idx), key=lambda r: (r.prefix, -len(r.prompt), r.index))
         _run_group(engine, length, group, max_batch, stop_table, stop_set, stop_strings,
                    tokenizer, refill_min, stop_check_every, results)
     return results  # type: ignore[return-value]
@@ -271,7 +309,6 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
     waiting = collections.deque(group)
     slot_row: list[_Row | None] = [None] * b
     refill_min = _refill_min(b, refill_min)
-    prefill_sizes = _prefill_sizes(b, refill_min, engine.buckets)
 
     while True:
         free = [s for s in range(b) if slot_row[s] is None]
@@ -279,8 +316,7 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
             placed = [(s, waiting.popleft()) for s in free[: len(waiting)]]
             for s, r in placed:
                 slot_row[s] = r
-            p = min(x for x in prefill_sizes if x >= len(placed))
-            state, slots = _prefill_rows(engine, state, slots, placed, p, length)
+            state, slots = _prefill_rows(engine, state, slots, placed, length)
         if all(r is None for r in slot_row):
             return
         min_free = min(len(waiting), refill_min) if waiting else b + 1
@@ -304,28 +340,143 @@ def _run_group(engine: Engine, length: int, group: list[_Row], max_batch: int,
 
 
 def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[int, _Row]],
-                  p: int, length: int) -> tuple[State, Slots]:
-    """Prefills prompt[:-1] of the placed rows into their slots, P rows per call, in chunks."""
+                  length: int, count: bool = True) -> tuple[State, Slots]:
+    """Prefills prompt[:-1] of the placed rows into their slots and places them.
+
+    Rows of one prefix share packed calls (model/packed.py): each row starts from a copy of the
+    prefix's state and its next tokens (up to the largest span) are packed with other rows'
+    into N-token calls; what a prompt has past the span continues in chunks.
+    """
+    b = slots.active.shape[0]
+    bk, st = engine.buckets, engine.stats
+    by_prefix: dict[tuple[int, ...], list[tuple[int, _Row]]] = {}
+    for s, r in placed:
+        by_prefix.setdefault(r.prefix, []).append((s, r))
+    for pfx, items in by_prefix.items():
+        pre = _prefix_state(engine, pfx, length)
+        plen = len(pfx)
+        heads = [(s, r, r.prompt[plen:-1][: bk.span_max]) for s, r in items]
+        if count:
+            st.prompt_tokens += sum(len(r.prompt) - 1 for _, r in items)
+            if plen:
+                st.prefix_rows += len(items)
+                st.prefix_tokens += plen * len(items)
+        packs: list[list[tuple[int, _Row, list[int]]]] = [[]]
+        for h in heads:
+            if packs[-1] and sum(len(x[2]) for x in packs[-1]) + len(h[2]) > bk.pack_size:
+                packs.append([])
+            packs[-1].append(h)
+        for pk in packs:
+            real = sum(len(x[2]) for x in pk)
+            n = bk.pack_bucket(real)
+            span = bk.span_bucket(max(len(x[2]) for x in pk))
+            arrays = packed.pack_arrays([(s, plen, h) for s, _, h in pk], n, b, pad_row=b)
+            state, slots = engine.prefill_packed(state, slots, pre, arrays,
+                                                 _new_rows([(s, r) for s, r, _ in pk], b),
+                                                 length, plen, span)
+            st.real_tokens += real
+            st.padded_tokens += n
+        rest = [(s, r) for s, r in items if len(r.prompt) - 1 - plen > bk.span_max]
+        if rest:
+            state, slots = _prefill_chunks(engine, state, slots, rest, plen + bk.span_max,
+                                           length)
+    return state, slots
+
+
+def _new_rows(placed: list[tuple[int, _Row]], p: int) -> NewRows:
+    """Bookkeeping of the placed rows, padded to p entries."""
     pad = p - len(placed)
-    new = NewRows(
+    return NewRows(
         slot=np.asarray([s for s, _ in placed] + [NO_SLOT] * pad, np.int32),
         last_token=np.asarray([r.prompt[-1] for _, r in placed] + [0] * pad, np.int32),
         pos=np.asarray([len(r.prompt) - 1 for _, r in placed] + [0] * pad, np.int32),
         settings=settings_arrays([r.settings for _, r in placed], p))
-    n_ctx = max(len(r.prompt) - 1 for _, r in placed)  # tokens to prefill (all but the last)
-    chunk = engine.buckets.chunk_size
-    start = 0
-    while True:
-        t = engine.buckets.chunk_bucket(min(chunk, n_ctx - start))
-        tokens = np.zeros((p, t), np.int32)
-        positions = np.full((p, t), -1, np.int32)
-        for i, (_, r) in enumerate(placed):
-            ctx = r.prompt[:-1][start: start + t]
-            tokens[i, : len(ctx)] = ctx
-            positions[i, : len(ctx)] = np.arange(start, start + len(ctx))
-        # A call with no context tokens still places the rows (their first decode step, at
-        # position 0, resets the slot's state).
-        state, slots = engine.prefill(state, slots, tokens, positions, new, length)
-        start += t
-        if start >= n_ctx:
-            return state, slots
+
+
+def _prefill_chunks(engine: Engine, state: State, slots: Slots, rows: list[tuple[int, _Row]],
+                    start: int, length: int) -> tuple[State, Slots]:
+    """Feeds prompt[start:-1] of rows already holding their first `start` tokens, P rows per
+    call, in chunks of at most the largest chunk bucket."""
+    b = slots.active.shape[0]
+    p = min(engine.buckets.batch_bucket(len(rows)), b)
+    st = engine.stats
+    for i in range(0, len(rows), p):
+        part = rows[i:i + p]
+        new = _new_rows(part, p)
+        n_ctx = max(len(r.prompt) - 1 for _, r in part)
+        chunk = engine.buckets.chunk_size
+        pos = start
+        while pos < n_ctx:
+            t = engine.buckets.chunk_bucket(min(chunk, n_ctx - pos))
+            tokens = np.zeros((p, t), np.int32)
+            positions = np.full((p, t), -1, np.int32)
+            for j, (_, r) in enumerate(part):
+                ctx = r.prompt[:-1][pos: pos + t]
+                tokens[j, : len(ctx)] = ctx
+                positions[j, : len(ctx)] = np.arange(pos, pos + len(ctx))
+                st.real_tokens += len(ctx)
+            state, slots = engine.prefill(state, slots, tokens, positions, new, length)
+            st.padded_tokens += p * t
+            pos += t
+    return state, slots
+
+
+def _prefix_state(engine: Engine, prefix: tuple[int, ...], length: int) -> State:
+    """The 1-row state after `prefix` at cache length L (empty for ()); prefilled once and kept
+    in `engine.prefixes` (least recently used dropped past `engine.max_prefixes`)."""
+    key = (prefix, length)
+    hit = engine.prefixes.get(key)
+    if hit is not None:
+        engine.prefixes.move_to_end(key)
+        return hit
+    state = engine.init_state(1, length)
+    if prefix:
+        slots = engine.empty_slots(1, engine.buckets.out_bucket(1, length))
+        row = _Row(-1, list(prefix) + [0], ROW_PAD_SETTINGS)
+        state, _ = _prefill_rows(engine, state, slots, [(0, row)], length, count=False)
+        engine.stats.prefixes_computed += 1
+    engine.prefixes[key] = state
+    while len(engine.prefixes) > engine.max_prefixes:
+        engine.prefixes.popitem(last=False)
+    return state
+
+
+def assign_prefixes(rows: list[_Row], cached: Sequence[tuple[int, ...]] = (),
+                    min_len: int = 16, merge_within: int = 64) -> None:
+    """Gives each row the shared prefix it starts from (`_Row.prefix`), in place.
+
+    A row's prefix is the longest token prefix it shares with another row of the call (all but
+    its last token at most), or a longer-or-nearly-as-long prefix already prefilled (`cached`),
+    so a job's prompt frame is computed once per engine. Prefixes under `min_len` tokens are not
+    worth a call; one that extends a shorter shared one by under `merge_within` tokens is merged
+    into it (fewer, fuller packed calls); one used by a single row and not cached is dropped.
+    """
+    order = sorted(rows, key=lambda r: r.prompt)
+    best: dict[int, int] = {}
+    for i, r in enumerate(order):
+        n = 0
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(order):
+                n = max(n, len(os.path.commonprefix([r.prompt, order[j].prompt])))
+        best[id(r)] = min(n, len(r.prompt) - 1)
+    known = sorted(set(cached), key=len, reverse=True)
+    for r in rows:
+        c = best[id(r)]
+        hit = next((k for k in known if len(k) <= len(r.prompt) - 1
+                    and tuple(r.prompt[:len(k)]) == k), None)
+        if hit is not None and len(hit) >= c - merge_within:
+            r.prefix = hit
+        elif c >= min_len:
+            r.prefix = tuple(r.prompt[:c])
+    shared = sorted({r.prefix for r in rows if r.prefix}, key=len)
+    for r in rows:
+        for q in shared:
+            if len(q) < len(r.prefix) and len(r.prefix) - len(q) < merge_within \
+                    and r.prefix[:len(q)] == q:
+                r.prefix = q
+                break
+    uses = collections.Counter(r.prefix for r in rows)
+    cached_set = set(cached)
+    for r in rows:
+        if r.prefix and uses[r.prefix] < 2 and r.prefix not in cached_set:
+            r.prefix = ()
