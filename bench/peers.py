@@ -74,8 +74,10 @@ class HF:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=tdtype, attn_implementation="sdpa").eval()
 
-    def generate(self, prompts: list[list[int]], max_new: int, batch: int) -> list[list[int]]:
-        """`batch` prompts at a time (left padding); exactly `max_new` greedy tokens per row."""
+    def generate(self, prompts: list[list[int]], max_new: int, batch: int,
+                 stop_ids: frozenset[int] | None = None) -> list[list[int]]:
+        """`batch` prompts at a time (left padding); exactly `max_new` greedy tokens per row, or
+        with `stop_ids` up to max_new, a row ending at (and keeping) its first stop id."""
         import torch
 
         out: list[list[int]] = []
@@ -85,15 +87,52 @@ class HF:
             ids = torch.tensor([[0] * (width - len(g)) + g for g in group])
             mask = torch.tensor([[0] * (width - len(g)) + [1] * len(g) for g in group])
             with torch.inference_mode():
+                stop = dict(eos_token_id=sorted(stop_ids)) if stop_ids else dict(
+                    min_new_tokens=max_new)
                 gen = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                    min_new_tokens=max_new, do_sample=False, pad_token_id=0, top_k=None,
-                    top_p=None, temperature=None)
-            out += gen[:, width:].tolist()
+                    do_sample=False, pad_token_id=0, top_k=None, top_p=None, temperature=None,
+                    **stop)
+            out += [_cut(row, stop_ids) for row in gen[:, width:].tolist()]
         return out
 
 
+def _cut(tokens: list[int], stop_ids: frozenset[int] | None) -> list[int]:
+    """Tokens up to and including the first stop id (all of them without stop ids)."""
+    for i, t in enumerate(tokens):
+        if stop_ids and t in stop_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
 # ----------------------------------------------------------------------------------- llama.cpp
+
+
+_EXTRA_BUFTS: dict[str, bool] = {}
+
+
+def extra_bufts_work(gguf: Path) -> bool:
+    """Whether llama.cpp's extra weight buffers (AMX, repacked Q4 layouts) run on this machine.
+
+    On a CPU that reports AMX but whose kernel or sandbox does not grant the tile state,
+    llama.cpp's AMX matmul segfaults (seen on a Xeon with amx_tile); a decode in a child process
+    tells, and llama.cpp then runs on its plain CPU kernels. Elsewhere it keeps its fastest path.
+    """
+    import subprocess
+    import sys
+
+    key = str(gguf)
+    if key not in _EXTRA_BUFTS:
+        probe = ("import llama_cpp, sys; "
+                 f"m = llama_cpp.Llama({key!r}, n_ctx=64, n_batch=64, verbose=False); "
+                 "m.eval([2, 100, 200, 300])")
+        rc = subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode
+        _EXTRA_BUFTS[key] = rc == 0
+        if rc != 0:
+            logging.getLogger(__name__).warning(
+                "llama.cpp crashed with its extra buffer types (exit %s): running it without",
+                rc)
+    return _EXTRA_BUFTS[key]
 
 
 class LlamaCpp:
@@ -114,8 +153,9 @@ class LlamaCpp:
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         self.lc, self.slots = lc, slots
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(gguf).encode(),
-                                                   lc.llama_model_default_params())
+        mp = lc.llama_model_default_params()
+        mp.use_extra_bufts = extra_bufts_work(gguf)
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         p = lc.llama_context_default_params()
@@ -154,8 +194,10 @@ class LlamaCpp:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def generate(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-        """Greedy continuations of exactly `max_new` tokens, `slots` prompts decoding at once."""
+    def generate(self, prompts: list[list[int]], max_new: int,
+                 stop_ids: frozenset[int] | None = None) -> list[list[int]]:
+        """Greedy continuations of exactly `max_new` tokens, `slots` prompts decoding at once;
+        with `stop_ids` a row ends at (and keeps) its first stop id, the others go on."""
         lc, out = self.lc, []
         for w in range(0, len(prompts), self.slots):
             wave = prompts[w:w + self.slots]
@@ -169,14 +211,17 @@ class LlamaCpp:
                 last.append(len(items) - 1)
             self._decode(items)
             toks: list[list[int]] = [[] for _ in wave]
+            live = list(range(len(wave)))  # sequences still generating, in `last` order
             for step in range(max_new):
-                nxt = [lc.llama_sampler_sample(self.sampler, self.ctx, ctypes.c_int32(i))
+                nxt = [int(lc.llama_sampler_sample(self.sampler, self.ctx, ctypes.c_int32(i)))
                        for i in last]
-                for s, t in enumerate(nxt):
-                    toks[s].append(int(t))
-                if step == max_new - 1:
+                for s, t in zip(live, nxt):
+                    toks[s].append(t)
+                keep = [(s, t) for s, t in zip(live, nxt) if not (stop_ids and t in stop_ids)]
+                if step == max_new - 1 or not keep:
                     break
-                self._decode([(t, len(wave[s]) + step, s, True) for s, t in enumerate(nxt)])
-                last = list(range(len(wave)))
+                self._decode([(t, len(wave[s]) + step, s, True) for s, t in keep])
+                live = [s for s, _ in keep]
+                last = list(range(len(keep)))
             out += toks
         return out

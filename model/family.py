@@ -38,6 +38,12 @@ class Family(Protocol):
         """tokens / positions int32 [B, T] (-1 = padding; position 0 starts a new sequence)
         -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1; new state)."""
 
+    def forward_packed(self, params: Params, pack: Any, state: State, prefix: State,
+                       prefix_len: int, span: int, cfg: Any) -> tuple[jax.Array, State]:
+        """Packed prefill (model/packed.py): N tokens of several rows, each segment continuing
+        the 1-row `prefix`, written into rows `pack.row` of `state`
+        -> (logits float32 [N, V], new state)."""
+
 
 def family_of(cfg: ModelConfig) -> Family:
     """The module implementing `cfg`'s architecture (imported on first use)."""

@@ -30,7 +30,11 @@ BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the drive
 PLACEMENT = "__placement"  # per-row copy of the actor's mesh and parameter bytes (JSON), stripped
 ACTOR = "__actor"  # per-row copy of the actor's identity ("host:pid"), stripped by the driver
 BATCH_END = "__batch_end"  # per-row copy of the batch's end time (Unix s), stripped
-HIDDEN = (LATENCY, BATCH, PLACEMENT, ACTOR, BATCH_END)  # what the driver strips before commit
+PREFILL = "__prefill"  # per-row copy of the batch's prefill work and compile time (JSON)
+HIDDEN = (LATENCY, BATCH, PLACEMENT, ACTOR, BATCH_END, PREFILL)  # stripped before commit
+# Prefill counts of a batch (model.engine.PrefillStats fields) and their names in its record.
+PREFILL_FIELDS = {"real_tokens": "prefill_real_tokens", "padded_tokens": "prefill_padded_tokens",
+                  "prefix_tokens": "prefix_reused_tokens"}
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
 
@@ -81,14 +85,20 @@ def is_fatal(exc: BaseException) -> bool:
 
 def batch_records(table: pa.Table) -> list[dict[str, Any]]:
     """One record per generate batch in an actor's output (from the hidden columns): batch id,
-    actor, end time (Unix s), generate latency (s), rows, prompt/output tokens and errors."""
-    cols = table.select([BATCH, ACTOR, BATCH_END, LATENCY, "prompt_tokens", "output_tokens",
-                         "finish_reason"]).to_pydict()
+    actor, end time (Unix s), generate latency (s), rows, prompt/output tokens, errors and the
+    prefill work (token slots computed, real tokens, prefix tokens reused)."""
+    cols = table.select([BATCH, ACTOR, BATCH_END, LATENCY, PREFILL, "prompt_tokens",
+                         "output_tokens", "finish_reason"]).to_pydict()
     recs: dict[str, dict[str, Any]] = {}
     for i, b in enumerate(cols[BATCH]):
-        r = recs.setdefault(b, {"batch": b, "actor": cols[ACTOR][i], "end": cols[BATCH_END][i],
-                                "latency_s": round(cols[LATENCY][i], 4), "rows": 0,
-                                "prompt_tokens": 0, "output_tokens": 0, "errors": 0})
+        if b not in recs:
+            work = json.loads(cols[PREFILL][i] or "{}")
+            recs[b] = {"batch": b, "actor": cols[ACTOR][i], "end": cols[BATCH_END][i],
+                       "latency_s": round(cols[LATENCY][i], 4), "rows": 0,
+                       "prompt_tokens": 0, "output_tokens": 0, "errors": 0,
+                       **{name: int(work.get(k, 0)) for k, name in PREFILL_FIELDS.items()},
+                       "compile_s": round(float(work.get("compile_s", 0.0)), 3)}
+        r = recs[b]
         r["rows"] += 1
         r["prompt_tokens"] += cols["prompt_tokens"][i] or 0
         r["output_tokens"] += cols["output_tokens"][i] or 0
@@ -174,6 +184,8 @@ class Predictor:
             (p.error_kind or "prompt", p.error or "") if p.ids is None else None for p in prompts]
         todo = [i for i in range(n) if prompts[i].ids is not None]
         t0 = time.perf_counter()
+        work0 = {**self.model.engine.stats.as_dict(),
+                 "compile_s": self.model.engine.compile_log.seconds}
         stop_watch = self._watch_first_compiles([len(prompts[i].ids) for i in todo])
         if todo:
             try:
@@ -194,7 +206,10 @@ class Predictor:
             finally:
                 stop_watch()
         latency = time.perf_counter() - t0
-        return self._table(batch, prompts, results, errors, latency)
+        work1 = {**self.model.engine.stats.as_dict(),
+                 "compile_s": self.model.engine.compile_log.seconds}
+        work = json.dumps({k: work1[k] - work0[k] for k in (*PREFILL_FIELDS, "compile_s")})
+        return self._table(batch, prompts, results, errors, latency, work)
 
     def _watch_first_compiles(self, lengths: list[int]) -> Any:
         """On this actor's first batch: reports how many programs it may compile, then each
@@ -212,7 +227,8 @@ class Predictor:
         return self.report.watch_compiles(lambda: engine.compile_log.count, planned)
 
     def _table(self, batch: pa.Table, prompts: list[Prompt], results: list[Any],
-               errors: list[tuple[str, str] | None], latency: float) -> pa.Table:
+               errors: list[tuple[str, str] | None], latency: float,
+               prefill: str = "{}") -> pa.Table:
         n = batch.num_rows
         out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
                                                 "prompt_tokens", "output_tokens", "truncated")}
@@ -259,4 +275,5 @@ class Predictor:
         table = table.append_column(PLACEMENT, pa.array([self.placement] * n, pa.string()))
         table = table.append_column(ACTOR, pa.array([self.actor] * n, pa.string()))
         table = table.append_column(BATCH_END, pa.array([time.time()] * n, pa.float64()))
+        table = table.append_column(PREFILL, pa.array([prefill] * n, pa.string()))
         return table.append_column(BATCH, pa.array([uuid.uuid4().hex] * n, pa.string()))

@@ -118,6 +118,9 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "batches": len(lat),
         "batch_latency_p50_s": _round(_percentile(lat, 0.5)),
         "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
+        "prefill": _prefill(c.batches),
+        # Seconds the actors spent compiling programs inside their generate calls.
+        "compile_s": round(sum(b.get("compile_s", 0.0) for b in c.batches), 3),
         "model": spec.model,
         **_placement(a.placements),
         "output_files": c.names,
@@ -129,6 +132,16 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "versions": _versions(),
         **(plan.increment.summary_fields() if plan.increment is not None else {}),
     }
+
+
+def _prefill(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engines' prefill work over the run's batches: token slots computed (padded), real
+    tokens fed, their ratio, and prompt tokens a shared prefix saved (computed once instead)."""
+    real = sum(b.get("prefill_real_tokens", 0) for b in batches)
+    padded = sum(b.get("prefill_padded_tokens", 0) for b in batches)
+    return {"real_tokens": real, "padded_tokens": padded,
+            "padding_ratio": round(padded / real, 4) if real else None,
+            "prefix_reused_tokens": sum(b.get("prefix_reused_tokens", 0) for b in batches)}
 
 
 def _placement(placements: set[str]) -> dict[str, Any]:

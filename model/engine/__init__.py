@@ -8,17 +8,25 @@ The engine is family-agnostic: it only calls `family.init_state(cfg, batch, max_
 and finds the batch axis of every state leaf by shape inspection. Per call of `generate`
 (scheduler.py, the host side):
 
-  1. Prompts are grouped by cache length L = bucket(prompt + max_new_tokens) and, within a group,
-     run longest first through B = bucket(min(#prompts, max_batch)) slots.
-  2. Prefill: prompt[:-1] of up to P new rows is fed in chunks of T tokens (T a bucket; prompts
-     longer than the largest chunk take several calls). The program gathers the P target slots'
-     state, runs `forward` (position 0 resets a reused slot), scatters the state back, and writes
-     the rows' bookkeeping (last prompt token, position, `RowSettings`). Logits are unused,
-     so XLA drops the output projection.
-  3. Decode: one `lax.while_loop` on device feeds each active slot its last token, samples the
+  1. A token prefix shared by several rows (the job's prompt frame; a passage its questions
+     share) is found from the token ids, prefilled once into a 1-row state and kept in the
+     engine (`Engine.prefixes`); its rows start from a copy of that state.
+  2. Rows are grouped by cache length L = bucket(prompt + max_new_tokens), taken shortest
+     first into groups of at least `max_batch` rows (N rows that fit the slots run as one
+     wave), and within a group run through B = bucket(min(#rows, max_batch)) slots.
+  3. Prefill: the new rows' tokens past their prefix are packed into one sequence of N tokens
+     (model/packed.py; N a bucket), so its cost follows the real token count: the program copies
+     the prefix into the rows' slots, runs `forward_packed` (block-diagonal causal attention over
+     the prefix and each row's own segment; RecurrentGemma's recurrence restarts per segment)
+     and writes each token's K/V (or the rows' recurrent state) into its row, then the rows'
+     bookkeeping (last prompt token, position, `RowSettings`). A prompt longer than the largest
+     span continues in chunks of T tokens per row (`forward` over the rows' caches). Logits are
+     unused, so XLA drops the output projection. `Engine.stats` counts the work (padding ratio).
+  4. Decode: one `lax.while_loop` on device feeds each active slot its last token, samples the
      next one per row (sampling.py), and stops when every row is done - or, when prompts are
      waiting, as soon as enough slots have freed up, so the host can refill them (step 2) and
-     carry on. Nothing recompiles: a refill only changes array contents.
+     carry on. Nothing recompiles: a refill only changes array contents. Tokens whose text
+     holds a stop string stop their row on device too (the text is still cut on the host).
 Programs (programs.py, the device side) are compiled ahead of time per shape bucket
 (buckets.py) by each model's `Engine`, logged and counted in its `compile_log`, and kept in JAX's
 persistent compilation cache. Results never depend on batch composition: rows never interact,

@@ -151,20 +151,26 @@ def _keep(state: State) -> State:
     return state
 
 
-def copy_prefix(state: State, prefix: State, axes: Any, idx_p: Array) -> State:
-    """Sets rows idx_p of every state leaf to the 1-row `prefix` (out-of-range rows dropped).
+def copy_prefix(state: State, prefix: State, empty: State, axes: Any, idx_p: Array) -> State:
+    """Sets rows idx_p of every state leaf to a copy of the 1-row `prefix` (out-of-range rows
+    are dropped): first the whole row to `empty` (a 1-row empty state of the same shapes), then
+    the prefix's leading slots on every axis (its cache may be shorter than the rows').
 
-    The prefix has the state's shapes but one row, so a row starts as an exact copy of the
-    prompt frame's caches (rings included) or recurrent state; an empty prefix empties it.
+    A prefix of cache length Lp <= L holds its positions in the same slots a row of length L
+    would (flat caches: slot = position; rings of min(window, length) slots: position < Lp), so
+    a row starts as an exact copy of the prompt frame's caches or recurrent state.
     """
-    def put(leaf: Array, pre: Array, ax: int | None) -> Array:
+    def put(leaf: Array, pre: Array, emp: Array, ax: int | None) -> Array:
         if ax is None:
             return leaf
-        rows = jnp.broadcast_to(pre, pre.shape[:ax] + idx_p.shape + pre.shape[ax + 1:])
-        index = (slice(None),) * ax + (idx_p,)
-        return leaf.at[index].set(rows.astype(leaf.dtype), mode="drop")
+        whole = (slice(None),) * ax + (idx_p,)
+        rows = emp.shape[:ax] + idx_p.shape + emp.shape[ax + 1:]
+        leaf = leaf.at[whole].set(jnp.broadcast_to(emp, rows).astype(leaf.dtype), mode="drop")
+        lead = tuple(idx_p if i == ax else slice(0, d) for i, d in enumerate(pre.shape))
+        rows = pre.shape[:ax] + idx_p.shape + pre.shape[ax + 1:]
+        return leaf.at[lead].set(jnp.broadcast_to(pre, rows).astype(leaf.dtype), mode="drop")
 
-    return jax.tree_util.tree_map(put, state, prefix, axes)
+    return jax.tree_util.tree_map(put, state, prefix, empty, axes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,20 +189,23 @@ def _place(slots: Slots, new: NewRows, idx_p: Array) -> Slots:
     return slots._replace(**jax.tree_util.tree_map(place, old, fresh))
 
 
-def packed_program(family: Family, cfg: ModelConfig, axes: Any, prefix_len: int, span: int,
+def packed_program(family: Family, cfg: ModelConfig, axes: Any, length: int, dtype: Any,
+                   prefix_len: int, span: int,
                    constrain: Callable[[State], State] = _keep) -> Callable:
     """(params, state, slots, prefix, pack, new) -> (state, slots).
 
-    Sets the new rows to a copy of `prefix` (a 1-row state), feeds the packed segments
-    (model/packed.py) through `family.forward_packed` and places the rows. `prefix_len` and
-    `span` are static bounds (prefix slots read; longest segment).
+    Sets the new rows of a state of cache length L to a copy of `prefix` (a 1-row state of
+    cache length <= L), feeds the packed segments (model/packed.py) through
+    `family.forward_packed` and places the rows. `prefix_len` and `span` are static bounds
+    (prefix slots read; longest segment).
     """
 
     def prefill(params: Params, state: State, slots: Slots, prefix: State, pack: Any,
                 new: NewRows) -> tuple[State, Slots]:
         b = slots.active.shape[0]
         idx_p = jnp.where(new.slot >= 0, new.slot, b)
-        state = copy_prefix(state, prefix, axes, idx_p)
+        empty = family.init_state(cfg, 1, length, dtype)
+        state = copy_prefix(state, prefix, empty, axes, idx_p)
         _, state = family.forward_packed(params, pack, state, prefix, prefix_len, span, cfg)
         return constrain(state), _place(slots, new, idx_p)
 
@@ -325,8 +334,9 @@ class Engine:
         self._axes: dict[int, Any] = {}
         self._state_sh: dict[tuple[int, int], Any] = {}
         self._init: dict[tuple[int, int], Callable[[], State]] = {}
-        # Prefilled prompt prefixes (1-row states), by (tokens, cache length); see scheduler.
-        self.prefixes: collections.OrderedDict[tuple[tuple[int, ...], int], State] = (
+        # Prefilled prompt prefixes by their tokens: (1-row state, its cache length); see
+        # scheduler.py.
+        self.prefixes: collections.OrderedDict[tuple[int, ...], tuple[State, int]] = (
             collections.OrderedDict())
         self.max_prefixes = 32
         self.stats = PrefillStats()
@@ -418,11 +428,12 @@ class Engine:
                                   (1, 2), args, shardings))
         return fn(*args)
 
-    def prefill_packed(self, state: State, slots: Slots, prefix: State, pack: Any,
-                       new: NewRows, length: int, prefix_len: int, span: int
+    def prefill_packed(self, state: State, slots: Slots, prefix: State, prefix_length: int,
+                       pack: Any, new: NewRows, length: int, prefix_len: int, span: int
                        ) -> tuple[State, Slots]:
-        """Packed prefill (see `packed_program`) of the rows in `new` ([B] entries) from the
-        1-row `prefix` state (cache length L); pack is a host `model.packed.Pack`."""
+        """Packed prefill (see `packed_program`) of the rows in `new` ([B] entries) of a state
+        of cache length L from the 1-row `prefix` state of cache length `prefix_length` <= L
+        holding `prefix_len` tokens; pack is a host `model.packed.Pack`."""
         b, o = slots.out.shape
         n = len(pack.tokens)
         prefix_len = -(-prefix_len // 64) * 64  # a bound: one program per 64 prefix tokens
@@ -431,13 +442,14 @@ class Engine:
         def shardings() -> tuple[Any, Any]:
             st, sl = self.state_shardings(b, length), self._slots_sh(slots)
             rep = sharding.replicated(self.mesh)
-            return (self._param_sh, st, sl, self.state_shardings(1, length), rep, rep), (st, sl)
+            return ((self._param_sh, st, sl, self.state_shardings(1, prefix_length), rep, rep),
+                    (st, sl))
 
         fn = self.compile_log.get(
-            ("packed", b, length, o, n, span, prefix_len), "packed",
+            ("packed", b, length, o, n, span, prefix_len, prefix_length), "packed",
             f"B={b} L={length} N={n} span={span} prefix<={prefix_len}",
             lambda: self._compile(packed_program(self.family, self.cfg, self.axes(length),
-                                                 prefix_len, span,
+                                                 length, self.dtype, prefix_len, span,
                                                  self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)

@@ -126,6 +126,31 @@ def _slots_for(n_rows: int, max_batch: int, buckets: Buckets) -> int:
     return b
 
 
+def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
+                       vocab_size: int | None = None) -> frozenset[int]:
+    """Ids whose text alone contains a stop string (cached per tokenizer and strings).
+
+    A token decoded alone can only lose a leading space against its text in context, so a
+    token listed here completes the stop string wherever it appears; stop strings that span
+    tokens are still found by the host's text check.
+    """
+    if tokenizer is None or not stop_strings:
+        return frozenset()
+    cache = getattr(tokenizer, "_stop_string_tokens", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._stop_string_tokens = cache
+        except AttributeError:  # a tokenizer that takes no attributes: computed every call
+            pass
+    n = getattr(tokenizer, "vocab_size", None) or vocab_size or 0
+    key = (tuple(stop_strings), n)
+    if key not in cache:
+        cache[key] = frozenset(i for i in range(n)
+                               if any(s in tokenizer.decode([i]) for s in stop_strings))
+    return cache[key]
+
+
 def _stop_table(stop_ids: Sequence[int]) -> np.ndarray:
     """Stop ids padded with -1 to a multiple of 8 (so the table size rarely changes shape)."""
     n = max(8, -(-len(stop_ids) // 8) * 8)
@@ -284,9 +309,13 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
 
     enable_compile_cache()
     if reuse_prefixes:
-        assign_prefixes(todo, [k for k, _ in engine.prefixes])
-    stop_table = _stop_table([int(s) for s in stop_token_ids])
+        assign_prefixes(todo, list(engine.prefixes))
     stop_set = frozenset(int(s) for s in stop_token_ids)
+    # Tokens whose own text holds a stop string end their row on device (the text is still cut
+    # on the host): no decode steps run past a row's end while the host is not looking.
+    stop_table = _stop_table(sorted(
+        stop_set | {i for i in stop_string_tokens(tokenizer, stop_strings, cfg.vocab_size)
+                    if i < cfg.vocab_size}))
     needs = [len(r.prompt) + r.settings.max_new for r in todo]
     for length, idx in _groups(needs, max_batch, engine.buckets):
         # Rows of one prefix together (a refill packs them in one call), longest first.
@@ -353,7 +382,7 @@ def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple
     for s, r in placed:
         by_prefix.setdefault(r.prefix, []).append((s, r))
     for pfx, items in by_prefix.items():
-        pre = _prefix_state(engine, pfx, length)
+        pre, pre_len = _prefix_state(engine, pfx)
         plen = len(pfx)
         heads = [(s, r, r.prompt[plen:-1][: bk.span_max]) for s, r in items]
         if count:
@@ -371,7 +400,7 @@ def _prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple
             n = bk.pack_bucket(real)
             span = bk.span_bucket(max(len(x[2]) for x in pk))
             arrays = packed.pack_arrays([(s, plen, h) for s, _, h in pk], n, b, pad_row=b)
-            state, slots = engine.prefill_packed(state, slots, pre, arrays,
+            state, slots = engine.prefill_packed(state, slots, pre, pre_len, arrays,
                                                  _new_rows([(s, r) for s, r, _ in pk], b),
                                                  length, plen, span)
             st.real_tokens += real
@@ -421,24 +450,25 @@ def _prefill_chunks(engine: Engine, state: State, slots: Slots, rows: list[tuple
     return state, slots
 
 
-def _prefix_state(engine: Engine, prefix: tuple[int, ...], length: int) -> State:
-    """The 1-row state after `prefix` at cache length L (empty for ()); prefilled once and kept
-    in `engine.prefixes` (least recently used dropped past `engine.max_prefixes`)."""
-    key = (prefix, length)
-    hit = engine.prefixes.get(key)
+def _prefix_state(engine: Engine, prefix: tuple[int, ...]) -> tuple[State, int]:
+    """(the 1-row state after `prefix`, its cache length Lp): empty for (), else prefilled once
+    at the smallest length bucket that holds it (every row that starts from it has L >= Lp) and
+    kept in `engine.prefixes` (least recently used dropped past `engine.max_prefixes`)."""
+    hit = engine.prefixes.get(prefix)
     if hit is not None:
-        engine.prefixes.move_to_end(key)
+        engine.prefixes.move_to_end(prefix)
         return hit
+    length = engine.buckets.length_bucket(len(prefix) + 1)
     state = engine.init_state(1, length)
     if prefix:
         slots = engine.empty_slots(1, engine.buckets.out_bucket(1, length))
         row = _Row(-1, list(prefix) + [0], ROW_PAD_SETTINGS)
         state, _ = _prefill_rows(engine, state, slots, [(0, row)], length, count=False)
         engine.stats.prefixes_computed += 1
-    engine.prefixes[key] = state
+    engine.prefixes[prefix] = (state, length)
     while len(engine.prefixes) > engine.max_prefixes:
         engine.prefixes.popitem(last=False)
-    return state
+    return state, length
 
 
 def assign_prefixes(rows: list[_Row], cached: Sequence[tuple[int, ...]] = (),

@@ -78,13 +78,14 @@ def check(name: str, cfg: object) -> dict:
     tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, (8, 20))
     want = ref.logits(tokens)
     prompts, max_new = prompts_of(11, cfg.vocab_size)
-    # One config also stops rows on strings its greedy rows produce (the `deactivate` program).
+    # One config also stops rows on strings its greedy rows produce (one byte: on device).
     stop = ["7", "r", "\x08"] if name.startswith("gemma3") else None
     e0 = Engine(ref.family, cfg, ref.params, buckets=TB)
     gen0 = generate(e0, prompts, tok, max_new_tokens=max_new, max_batch=8, stop_token_ids=[],
                     stop_strings=stop)
     window = getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_window", None)
     res: dict = {"ref_programs": programs(e0), "meshes": {}, "window": window,
+                 "stopped": sum(g.finish_reason == "stop" for g in gen0),
                  "longest": max(len(p) + n for p, n in zip(prompts, max_new))}
     for shape in MESHES:
         m = Model(name, cfg, host, tok, mesh=sharding.make_mesh(shape))

@@ -16,11 +16,29 @@ import pytest
 from model.embedded import embedded_gguf_path
 from test_gguf import embedded_greedy_run, right_pad  # shared: one load, one generation
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 CONFIDENT = 0.5  # llama.cpp's top-2 logit margin above which its argmax is not a near-tie
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama(monkeypatch_module):
+    # No extra buffer types (AMX / repacked weights): on a CPU that reports AMX but whose
+    # kernel or sandbox does not grant the tile state, llama.cpp's AMX matmul segfaults (seen on
+    # a Xeon with amx_tile). The plain CPU kernels are what this parity check needs.
+    low = llama_cpp.llama_cpp  # the module `Llama` takes its default parameters from
+    default = low.llama_model_default_params
+
+    def plain_params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch_module.setattr(low, "llama_model_default_params", plain_params)
     return llama_cpp.Llama(
         str(embedded_gguf_path()), n_ctx=128, n_batch=128, n_ubatch=128, logits_all=True,
         # One thread: llama.cpp's threads spin-wait on each other, and on a busy 2-core machine

@@ -54,11 +54,11 @@ def test_greedy_generation_with_refills_is_identical_with_the_same_programs(eigh
         ref = c["ref_programs"]
         if c["window"]:  # local layers: rows outgrow their ring, which wraps
             assert c["longest"] > c["window"], name
-        prefills = {p.split(" P=")[-1] for p in ref if p.startswith("prefill")}
-        if name.startswith("gemma3"):  # stop strings ended rows: `deactivate` ran
-            assert any(p.startswith("deactivate") for p in ref)
-        else:  # 11 rows through 8 slots: the initial fill (P=8), refills of 2 rows (P=2)
-            assert prefills == {"2 T=16", "8 T=16"}, name
+        packed = [p for p in ref if p.startswith("packed B=8")]
+        if name.startswith("gemma3"):  # stop strings ended rows (on device: one-byte strings)
+            assert c["stopped"] > 0, name
+        # 11 rows through 8 slots: the initial fill and refills, packed
+        assert packed, (name, ref)
         for mesh, r in c["meshes"].items():
             assert r["tokens_equal"] and r["finish_equal"], (name, mesh)
             assert r["n_tokens"] > 11
