@@ -21,7 +21,7 @@ import numpy as np
 
 Array = jax.Array
 
-BLOCK = 64  # queries per attention block; N is a multiple of it
+BLOCK = 64  # queries per attention block (32 when N is an odd multiple of 32)
 _NEG = -1e30
 
 
@@ -87,7 +87,7 @@ def attention(q: Array, k: Array, v: Array, pack: Pack, ctx_k: Array, ctx_v: Arr
 
     Args:
       q: [N, K, G, Dh] queries (RoPE and scaling applied); k, v: [N, K, Dh].
-      pack: positions and rows of the N tokens.
+      pack: positions and rows of the N tokens (N a multiple of 32 when over 32).
       ctx_k, ctx_v: [C, K, Dh] the shared prefix's keys and values; ctx_pos: [C] (-1 = empty).
       span: static; every segment in the pack is at most this long, so block j's queries
         [jQ, jQ+Q) only need packed keys in [jQ + Q - span - Q, jQ + Q).
@@ -97,7 +97,7 @@ def attention(q: Array, k: Array, v: Array, pack: Pack, ctx_k: Array, ctx_v: Arr
       [N, K, G, Dh] float32 attention outputs (garbage at padding).
     """
     n, kh, g, dh = q.shape
-    qb = min(BLOCK, n)
+    qb = min(BLOCK if n % BLOCK == 0 else BLOCK // 2, n)
     nb = n // qb
     w = span + qb  # keys per block
     pos, row = pack.positions, pack.row

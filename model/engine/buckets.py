@@ -48,8 +48,8 @@ class Buckets:
       batch: allowed batch sizes (decode slots and chunked-prefill rows), ascending.
       length: allowed cache lengths (prompt + max_new_tokens, rounded up), ascending.
       chunk: allowed chunked-prefill lengths, ascending; the largest is the chunk size.
-      pack: allowed packed-prefill lengths N (multiples of 64), ascending.
-      span: allowed bounds on one row's tokens in a pack (multiples of 64), ascending; the
+      pack: allowed packed-prefill lengths N (multiples of 32), ascending.
+      span: allowed bounds on one row's tokens in a pack (multiples of 32), ascending; the
         largest is the most of a row's prompt one packed call takes.
     """
 
@@ -57,14 +57,14 @@ class Buckets:
     length: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
                                6144, 8192, 12_288, 16_384, 32_768, 65_536, 131_072)
     chunk: tuple[int, ...] = (32, 128, 512)
-    pack: tuple[int, ...] = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280,
-                             1536, 1792, 2048)
+    pack: tuple[int, ...] = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768,
+                             896, 1024, 1280, 1536, 1792, 2048)
     span: tuple[int, ...] = (64, 128, 256, 512, 1024)
 
     def __post_init__(self) -> None:
         for name in ("pack", "span"):
-            if any(v % 64 for v in getattr(self, name)):
-                raise ValueError(f"Buckets.{name} must be multiples of 64, got "
+            if any(v % 32 for v in getattr(self, name)):
+                raise ValueError(f"Buckets.{name} must be multiples of 32, got "
                                  f"{getattr(self, name)}")
         if self.span and self.pack and self.span[-1] > self.pack[-1]:
             raise ValueError(f"Buckets.span's largest ({self.span[-1]}) must fit the largest "

@@ -18,7 +18,7 @@ GEMMA1 = GemmaConfig(family="gemma", vocab_size=384, d_model=64, num_layers=3, n
                      query_pre_attn_scalar=32.0, max_seq_len=4096)
 CONFIGS = {"gemma1": GEMMA1, "gemma2": get_preset("tiny-gemma2"),
            "gemma3": get_preset("tiny-gemma3"), "recurrentgemma": get_preset("tiny-recurrentgemma")}
-L = 128  # cache length of the rows' state
+L = 256  # cache length of the rows' state
 TOL = 1e-5
 
 
@@ -39,7 +39,7 @@ def _jit(fn, **static):
     return functools.partial(_JIT[key], **static)
 
 
-def _full(fam, params, cfg, seq, width=128):
+def _full(fam, params, cfg, seq, width=160):
     """Logits of one causal forward over seq alone, no cache: [T, V] (right padding to a fixed
     width cannot change a causal forward's logits, and keeps one compiled program)."""
     toks = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
@@ -72,15 +72,15 @@ def _copy_prefix(state, prefix, rows):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("prefix_len", [0, 11, 21])
-def test_packed_prefill_equals_one_prompt_at_a_time(name, prefix_len):
+@pytest.mark.parametrize("prefix_len,n,span", [(0, 224, 256), (11, 224, 128), (21, 256, 128)])
+def test_packed_prefill_equals_one_prompt_at_a_time(name, prefix_len, n, span):
     cfg, fam, params = _setup(name)
     rng = np.random.default_rng(prefix_len + 1)
     prefix = [2] + rng.integers(4, 300, size=max(prefix_len - 1, 0)).tolist()
     prefix = prefix[:prefix_len]
     # Segments shorter and longer than the window (16): rings of the rows wrap inside a segment,
     # and with a prefix the segments start past the prefix's positions.
-    lengths = [5, 40, 1, 17, 70, 9]
+    lengths = [5, 40, 1, 17, 128, 9]
     segs = [rng.integers(4, 300, size=k).tolist() for k in lengths]
     if not prefix:
         segs = [[2] + s for s in segs]
@@ -96,9 +96,10 @@ def test_packed_prefill_equals_one_prompt_at_a_time(name, prefix_len):
                                    atol=TOL, rtol=TOL)
     rows = [6, 0, 3, 1, 7, 2]  # segment i goes to state row rows[i]
     state = _copy_prefix(state, pre_state, jnp.asarray(rows))
-    n = 192  # > one query block (64): blocked attention with span 128 covers the 70-token segment
+    # Span 256 >= n: one dense block; span 128: query blocks of 32 (n = 224) or 64 (n = 256), each
+    # seeing the 128 packed tokens before it (the longest segment is 128: the window's edge).
     segments = [(r, len(prefix), s) for r, s in zip(rows, segs)]
-    logits, state = _prefill(fam, params, cfg, state, pre_state, len(prefix), segments, n, 128)
+    logits, state = _prefill(fam, params, cfg, state, pre_state, len(prefix), segments, n, span)
     i = 0
     for r, s in zip(rows, segs):
         want = _full(fam, params, cfg, prefix + s)
