@@ -118,6 +118,33 @@ DEFAULT_BUCKETS = Buckets()
 
 
 @dataclasses.dataclass
+class PrefillStats:
+    """Prefill work of one engine, cumulative (`padding_ratio`: computed / real tokens).
+
+    Attributes:
+      real_tokens: prompt tokens fed to the model (prefixes counted once per compute).
+      padded_tokens: token slots the prefill programs computed (real + padding).
+      prompt_tokens: tokens of the prompts placed (what prefilling each row in full feeds).
+      prefix_rows: rows that started from a prefilled prefix; prefix_tokens: tokens they skipped.
+      prefixes_computed: prefixes prefilled (each once per engine while cached).
+    """
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    prompt_tokens: int = 0
+    prefix_rows: int = 0
+    prefix_tokens: int = 0
+    prefixes_computed: int = 0
+
+    @property
+    def padding_ratio(self) -> float:
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "padding_ratio": round(self.padding_ratio, 4)}
+
+
+@dataclasses.dataclass
 class CompileRecord:
     program: str
     shapes: str

@@ -10,7 +10,6 @@ S = stop-token table size.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -20,38 +19,12 @@ import numpy as np
 from model import sharding
 from model.config import ModelConfig
 from model.engine import sampling
-from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog
+from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, PrefillStats
+from model.engine.rows import batch_axes, copy_prefix, put_rows, take_rows
 from model.family import Family, Params, State
 
 Array = jax.Array
 NO_SLOT = -1  # NewRows.slot of a padding row
-
-
-@dataclasses.dataclass
-class PrefillStats:
-    """Prefill work of one engine, cumulative (`padding_ratio`: computed / real tokens).
-
-    Attributes:
-      real_tokens: prompt tokens fed to the model (prefixes counted once per compute).
-      padded_tokens: token slots the prefill programs computed (real + padding).
-      prompt_tokens: tokens of the prompts placed (what prefilling each row in full feeds).
-      prefix_rows: rows that started from a prefilled prefix; prefix_tokens: tokens they skipped.
-      prefixes_computed: prefixes prefilled (each once per engine while cached).
-    """
-
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    prompt_tokens: int = 0
-    prefix_rows: int = 0
-    prefix_tokens: int = 0
-    prefixes_computed: int = 0
-
-    @property
-    def padding_ratio(self) -> float:
-        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "padding_ratio": round(self.padding_ratio, 4)}
 
 
 class RowSettings(NamedTuple):
@@ -106,71 +79,8 @@ def empty_slots(b: int, out_len: int) -> Slots:
                  out=jnp.zeros((b, out_len), jnp.int32))
 
 
-# ----------------------------------------------------------------------------------------------
-# State rows.
-
-
-def batch_axes(family: Family, cfg: ModelConfig, length: int, dtype: Any) -> Any:
-    """Per state leaf, the axis that scales with the batch (None: shared by all rows)."""
-    s2 = jax.eval_shape(lambda: family.init_state(cfg, 2, length, dtype))
-    s3 = jax.eval_shape(lambda: family.init_state(cfg, 3, length, dtype))
-
-    def axis(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> int | None:
-        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
-        if not diff:
-            return None
-        if (len(a.shape) != len(b.shape) or len(diff) != 1
-                or (a.shape[diff[0]], b.shape[diff[0]]) != (2, 3)):
-            raise ValueError(f"{family.__name__}.init_state: a state leaf of shape {a.shape} "
-                             "does not have exactly one batch axis; the engine needs one")
-        return diff[0]
-
-    return jax.tree_util.tree_map(axis, s2, s3)
-
-
-def take_rows(state: State, axes: Any, idx_p: Array) -> State:
-    """The P rows idx_p of every state leaf (out-of-range indices clip)."""
-    def take(leaf: Array, ax: int | None) -> Array:
-        return leaf if ax is None else jnp.take(leaf, idx_p, axis=ax, mode="clip")
-
-    return jax.tree_util.tree_map(take, state, axes)
-
-
-def put_rows(state: State, rows: State, axes: Any, idx_p: Array) -> State:
-    """Writes P rows back at idx_p (out-of-range indices are dropped)."""
-    def put(leaf: Array, new: Array, ax: int | None) -> Array:
-        if ax is None:
-            return new
-        index = (slice(None),) * ax + (idx_p,)
-        return leaf.at[index].set(new.astype(leaf.dtype), mode="drop")
-
-    return jax.tree_util.tree_map(put, state, rows, axes)
-
-
 def _keep(state: State) -> State:
     return state
-
-
-def copy_prefix(state: State, prefix: State, empty: State, axes: Any, idx_p: Array) -> State:
-    """Sets rows idx_p of every state leaf to a copy of the 1-row `prefix` (out-of-range rows
-    are dropped): first the whole row to `empty` (a 1-row empty state of the same shapes), then
-    the prefix's leading slots on every axis (its cache may be shorter than the rows').
-
-    A prefix of cache length Lp <= L holds its positions in the same slots a row of length L
-    would (flat caches: slot = position; rings of min(window, length) slots: position < Lp), so
-    a row starts as an exact copy of the prompt frame's caches or recurrent state.
-    """
-    def put(leaf: Array, pre: Array, emp: Array, ax: int | None) -> Array:
-        if ax is None:
-            return leaf
-        whole = (slice(None),) * ax + (idx_p,)
-        rows = emp.shape[:ax] + idx_p.shape + emp.shape[ax + 1:]
-        leaf = leaf.at[whole].set(jnp.broadcast_to(emp, rows).astype(leaf.dtype), mode="drop")
-        lead = tuple(idx_p if i == ax else slice(0, d) for i, d in enumerate(pre.shape))
-        rows = pre.shape[:ax] + idx_p.shape + pre.shape[ax + 1:]
-        return leaf.at[lead].set(jnp.broadcast_to(pre, rows).astype(leaf.dtype), mode="drop")
-
-    return jax.tree_util.tree_map(put, state, prefix, empty, axes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from model import load_model
 from model.engine import Buckets, Engine, generate
-from model.engine.scheduler import _Row, assign_prefixes
+from model.engine.prefill import Row, assign_prefixes
 
 # Spans of 64 tokens: rows whose prompt is longer continue in chunks of 32.
 TB = Buckets(batch=(1, 2, 4, 8), length=(128, 256), chunk=(32,), pack=(64, 128, 256),
@@ -66,7 +66,7 @@ def test_questions_on_one_passage_share_its_prefix():
     passages = [rng.integers(4, 300, size=70).tolist() for _ in range(2)]
     prompts = [frame + p + [7] + rng.integers(4, 300, size=int(rng.integers(3, 9))).tolist()
                for p in passages for _ in range(4)]
-    rows = [_Row(i, p, None) for i, p in enumerate(prompts)]
+    rows = [Row(i, p, None) for i, p in enumerate(prompts)]
     assign_prefixes(rows)
     # Each question starts from its passage (frame + passage + separator), not from the frame.
     assert {len(r.prefix) for r in rows} == {len(frame) + 70 + 1}
@@ -81,17 +81,17 @@ def test_questions_on_one_passage_share_its_prefix():
 
 def test_prefix_assignment_rules():
     frame = list(range(10, 40))  # 30 tokens
-    rows = [_Row(i, p, None) for i, p in enumerate(
+    rows = [Row(i, p, None) for i, p in enumerate(
         [frame + [1, 2, 3], frame + [1, 2, 5], frame + [9], [5, 6, 7, 8]])]
     assign_prefixes(rows)
     # frame+[1, 2] extends the frame by 2 tokens: merged into the frame (one packed call).
     assert [len(r.prefix) for r in rows] == [30, 30, 30, 0]
     # A prefix is never a whole prompt (the last token is fed by the first decode step), and
     # one used by a single row is dropped unless the engine holds it already.
-    rows = [_Row(0, frame + [1], None), _Row(1, frame, None)]
+    rows = [Row(0, frame + [1], None), Row(1, frame, None)]
     assign_prefixes(rows)
     assert [len(r.prefix) for r in rows] == [29, 29]
-    rows = [_Row(0, frame + [1, 2], None)]
+    rows = [Row(0, frame + [1, 2], None)]
     assign_prefixes(rows)
     assert rows[0].prefix == ()
     assign_prefixes(rows, cached=[tuple(frame)])

@@ -1,0 +1,74 @@
+"""The rows of a model state: which axis of each leaf is the batch, and taking, writing or
+resetting a set of rows (slots) in every leaf at once, for any family's state tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.family import Family, State
+
+Array = jax.Array
+
+
+def batch_axes(family: Family, cfg: ModelConfig, length: int, dtype: Any) -> Any:
+    """Per state leaf, the axis that scales with the batch (None: shared by all rows)."""
+    s2 = jax.eval_shape(lambda: family.init_state(cfg, 2, length, dtype))
+    s3 = jax.eval_shape(lambda: family.init_state(cfg, 3, length, dtype))
+
+    def axis(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> int | None:
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if not diff:
+            return None
+        if (len(a.shape) != len(b.shape) or len(diff) != 1
+                or (a.shape[diff[0]], b.shape[diff[0]]) != (2, 3)):
+            raise ValueError(f"{family.__name__}.init_state: a state leaf of shape {a.shape} "
+                             "does not have exactly one batch axis; the engine needs one")
+        return diff[0]
+
+    return jax.tree_util.tree_map(axis, s2, s3)
+
+
+def take_rows(state: State, axes: Any, idx_p: Array) -> State:
+    """The P rows idx_p of every state leaf (out-of-range indices clip)."""
+    def take(leaf: Array, ax: int | None) -> Array:
+        return leaf if ax is None else jnp.take(leaf, idx_p, axis=ax, mode="clip")
+
+    return jax.tree_util.tree_map(take, state, axes)
+
+
+def put_rows(state: State, rows: State, axes: Any, idx_p: Array) -> State:
+    """Writes P rows back at idx_p (out-of-range indices are dropped)."""
+    def put(leaf: Array, new: Array, ax: int | None) -> Array:
+        if ax is None:
+            return new
+        index = (slice(None),) * ax + (idx_p,)
+        return leaf.at[index].set(new.astype(leaf.dtype), mode="drop")
+
+    return jax.tree_util.tree_map(put, state, rows, axes)
+
+
+
+def copy_prefix(state: State, prefix: State, empty: State, axes: Any, idx_p: Array) -> State:
+    """Sets rows idx_p of every state leaf to a copy of the 1-row `prefix` (out-of-range rows
+    are dropped): first the whole row to `empty` (a 1-row empty state of the same shapes), then
+    the prefix's leading slots on every axis (its cache may be shorter than the rows').
+
+    A prefix of cache length Lp <= L holds its positions in the same slots a row of length L
+    would (flat caches: slot = position; rings of min(window, length) slots: position < Lp), so
+    a row starts as an exact copy of the prompt frame's caches or recurrent state.
+    """
+    def put(leaf: Array, pre: Array, emp: Array, ax: int | None) -> Array:
+        if ax is None:
+            return leaf
+        whole = (slice(None),) * ax + (idx_p,)
+        rows = emp.shape[:ax] + idx_p.shape + emp.shape[ax + 1:]
+        leaf = leaf.at[whole].set(jnp.broadcast_to(emp, rows).astype(leaf.dtype), mode="drop")
+        lead = tuple(idx_p if i == ax else slice(0, d) for i, d in enumerate(pre.shape))
+        rows = pre.shape[:ax] + idx_p.shape + pre.shape[ax + 1:]
+        return leaf.at[lead].set(jnp.broadcast_to(pre, rows).astype(leaf.dtype), mode="drop")
+
+    return jax.tree_util.tree_map(put, state, prefix, empty, axes)
