@@ -76,3 +76,16 @@ def spread(secs: list[float], work: float = 1.0) -> dict[str, Any]:
     rates = sorted(work / s for s in secs)
     return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
             "walls_s": [round(s, 4) for s in secs]}
+
+
+def joined_documents(docs: list[str], count: int, min_tokens: int, encode: Callable) -> list[str]:
+    """`count` documents of at least `min_tokens` tokens each (by `encode`), made by joining
+    `docs` in turn (a long-document corpus from the demo's short ones)."""
+    out, i = [], 0
+    while len(out) < count:
+        text = ""
+        while len(encode(text)) < min_tokens:
+            text += (" " if text else "") + docs[i % len(docs)]
+            i += 1
+        out.append(text)
+    return out

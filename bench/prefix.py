@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import interleaved, machine, machine_line, spread
+from harness import interleaved, joined_documents, machine, machine_line, spread
 
 QUESTIONS = ("What is the main topic of the context?", "Who is mentioned in the context?",
              "Where does it take place?", "When did it happen?",
@@ -41,13 +41,7 @@ def jobs(model, rows: int) -> dict[str, list[list[int]]]:
     tok = model.tokenizer
     summ = PromptBuilder(PromptSettings("summarize", model.prompt_format, 4096), tok)
     ans = PromptBuilder(PromptSettings("answer", model.prompt_format, 4096), tok)
-    passages, i = [], 0
-    while len(passages) * len(QUESTIONS) < rows:
-        text = ""
-        while len(tok.encode(text)) < 800:
-            text += (" " if text else "") + docs[i % len(docs)]
-            i += 1
-        passages.append(text)
+    passages = joined_documents(docs, -(-rows // len(QUESTIONS)), 800, tok.encode)
     answer = [ans.build(p, q).ids for p in passages for q in QUESTIONS][:rows]
     return {"summarize": [summ.build(docs[k % len(docs)]).ids for k in range(rows)],
             "answer": answer}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import interleaved, machine, machine_line, spread
+from harness import interleaved, joined_documents, machine, machine_line, spread
 
 
 def log(msg: str) -> None:
@@ -46,14 +46,7 @@ def corpora(model, rows: int) -> dict[str, list[list[int]]]:
     docs = [d["text"] for d in demo_corpus_rows()]
     builder = PromptBuilder(PromptSettings("summarize", model.prompt_format, 4096),
                             model.tokenizer)
-    tok = model.tokenizer
-    long_docs, i = [], 0
-    while len(long_docs) < rows:
-        text = ""
-        while len(tok.encode(text)) < 600:
-            text += (" " if text else "") + docs[i % len(docs)]
-            i += 1
-        long_docs.append(text)
+    long_docs = joined_documents(docs, rows, 600, model.tokenizer.encode)
     return {"demo": [builder.build(docs[k % len(docs)]).ids for k in range(rows)],
             "long": [builder.build(t).ids for t in long_docs]}
 

@@ -140,6 +140,34 @@ def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
                            unique_indices=False, indices_are_sorted=False)
 
 
+def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool
+         ) -> tuple[Array, Array, Array]:
+    """Queries [B, T, H, Dh] (RoPE'd and scaled), keys [B, T, K, Dh] (RoPE'd) and values."""
+    q = dot("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
+    k = dot("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
+    v = dot("btd,dnk->btnk", x, layer["v"])
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
+        k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
+    base = cfg.rope_base_local if local else cfg.rope_base_global
+    scale = 1.0 if local else cfg.rope_scale_global
+    q = rope(q, positions, base, scale)
+    k = rope(k, positions, base, scale)
+    return q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype), k, v
+
+
+def _residual(cfg: GemmaConfig, layer: Params, x: Array, h: Array) -> Array:
+    """The rest of a decoder block after attention output h: (post-norm), residual, the MLP
+    on the normalised sum, (post-norm), residual."""
+    if cfg.post_norms:
+        h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
+    x = x + h
+    h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
+    if cfg.post_norms:
+        h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
+    return x + h
+
+
 def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
                cache: tuple[Array, Array, Array] | None, write_at: Array | None
                ) -> tuple[Array, tuple[Array, Array] | None]:
@@ -155,17 +183,7 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     """
     b, t, _ = x.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q = dot("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
-    k = dot("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
-    v = dot("btd,dnk->btnk", x, layer["v"])
-    if cfg.qk_norm:
-        q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
-    base = cfg.rope_base_local if local else cfg.rope_base_global
-    scale = 1.0 if local else cfg.rope_scale_global
-    q = rope(q, positions, base, scale)
-    k = rope(k, positions, base, scale)
-    q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+    q, k, v = _qkv(cfg, layer, x, positions, local)
 
     v_t = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, Dh, T]: the V cache layout
     new_kv = None
@@ -246,13 +264,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             slots = slots_l if local else slots_g
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
         h, kv = _attention(cfg, layer, h, positions, local, cache, slots)
-        if cfg.post_norms:
-            h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
-        x = x + h
-        h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
-        if cfg.post_norms:
-            h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
-        x = x + h
+        x = _residual(cfg, layer, x, h)
         if kv is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
@@ -306,17 +318,7 @@ def forward_packed(params: Params, pack: packed.Pack, state: KVState, prefix: KV
     for i, layer in enumerate(params["layers"]):
         local = cfg.layer_types[i] == "local"
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-        q = dot("btd,dhk->bthk", h, layer["q"])[0]  # [N, H, Dh]
-        k = dot("btd,dnk->btnk", h, layer["k"])[0]  # [N, K, Dh]
-        v = dot("btd,dnk->btnk", h, layer["v"])[0]
-        if cfg.qk_norm:
-            q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
-            k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
-        base = cfg.rope_base_local if local else cfg.rope_base_global
-        scale = 1.0 if local else cfg.rope_scale_global
-        q = rope(q[None], pos[None], base, scale)[0]
-        k = rope(k[None], pos[None], base, scale)[0]
-        q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+        q, k, v = (a[0] for a in _qkv(cfg, layer, h, pos[None], local))  # [N, H|K, Dh]
         ppos = prefix.pos_local[0] if local else prefix.pos_global[0]
         c = packed.ctx_slots(ppos.shape[0], prefix_len)
         ctx_k = prefix.k[i][0, :c]  # [C, K, Dh]
@@ -325,14 +327,7 @@ def forward_packed(params: Params, pack: packed.Pack, state: KVState, prefix: KV
                                span, cfg.sliding_window if local else None, cfg.attn_softcap)
         out = out.reshape(1, -1, cfg.num_heads * dh).astype(x.dtype)
         o = layer["o"].reshape(cfg.num_heads * dh, -1)
-        h = dot("btf,fd->btd", out, o)
-        if cfg.post_norms:
-            h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
-        x = x + h
-        h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
-        if cfg.post_norms:
-            h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
-        x = x + h
+        x = _residual(cfg, layer, x, dot("btf,fd->btd", out, o))
         slot = slot_l if local else slot_g
         new_k[i] = new_k[i].at[pack.row, slot].set(k.astype(new_k[i].dtype), mode="drop")
         new_v[i] = _scatter_rows_last(new_v[i], pack.row, slot, v)

@@ -104,7 +104,7 @@ class PhaseReporter:
             self._name = None
 
     def watch_compiles(self, count: Callable[[], int], planned: int) -> Callable[[], None]:
-        """Reports "first batch: k of up to N programs compiled" while `count()` grows (the
+        """Reports "first batch: k of about N programs compiled" while `count()` grows (the
         batch then generates); returns a stopper."""
         stop = threading.Event()
 
@@ -114,7 +114,7 @@ class PhaseReporter:
             now = count()
             if now != last[0] or final:
                 last[0] = now
-                self(f"first batch: {now} of up to {max(planned, now)} programs compiled",
+                self(f"first batch: {now} of about {max(planned, now)} programs compiled",
                      wait=final)
 
         def loop() -> None:
@@ -141,5 +141,5 @@ def phase_text(kind: str, **kw: Any) -> str:
         "ray_connect": "connecting to Ray",
         "actors": "starting {n} actor" + ("" if kw.get("n") == 1 else "s"),
         "load": "loading the model",
-        "compile": "compiling up to {n} programs and generating the first batch",
+        "compile": "compiling about {n} programs and generating the first batch",
     }[kind].format(**kw)

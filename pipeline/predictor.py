@@ -212,17 +212,17 @@ class Predictor:
         return self._table(batch, prompts, results, errors, latency, work)
 
     def _watch_first_compiles(self, lengths: list[int]) -> Any:
-        """On this actor's first batch: reports how many programs it may compile, then each
+        """On this actor's first batch: reports about how many programs it compiles, then each
         compile as it lands (the driver shows it until the first row). Returns a stopper."""
         self._calls += 1
         if self._calls > 1 or not lengths:
             return lambda: None
-        from model.engine import plan_programs
+        from model.engine import expected_programs, plan_programs
 
         engine = self.model.engine
-        planned = len(plan_programs(lengths, self.s.max_new_tokens,
-                                    max(1, min(len(lengths), engine.buckets.max_batch)),
-                                    engine.buckets, stop_strings=bool(self.stop)))
+        planned = expected_programs(plan_programs(
+            lengths, self.s.max_new_tokens, max(1, min(len(lengths), engine.buckets.max_batch)),
+            engine.buckets, stop_strings=bool(self.stop)))
         self.report(phase_text("compile", n=planned))
         return self.report.watch_compiles(lambda: engine.compile_log.count, planned)
 

@@ -35,7 +35,7 @@ and each row's random key comes from (seed, row id, step).
 
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, enable_compile_cache
 from model.engine.programs import Engine, RowSettings
-from model.engine.scheduler import Generation, generate, plan_programs
+from model.engine.scheduler import Generation, expected_programs, generate, plan_programs
 
-__all__ = ["Engine", "Generation", "generate", "plan_programs", "Buckets", "DEFAULT_BUCKETS",
+__all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets", "DEFAULT_BUCKETS",
            "CompileLog", "RowSettings", "enable_compile_cache"]

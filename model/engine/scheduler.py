@@ -103,6 +103,15 @@ def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch:
     return progs
 
 
+def expected_programs(plan: set[tuple]) -> int:
+    """About how many programs a call compiles, from its `plan_programs` bound: every decode,
+    deactivate and chunked program it lists, plus per group two packed ones (the first fill and
+    a shared prefix); refills of other sizes add a few more."""
+    groups = {p[1:3] for p in plan if p[0] == "decode"}
+    fixed = sum(1 for p in plan if p[0] != "packed")
+    return min(len(plan), fixed + 2 * len(groups))
+
+
 def _refill_min(b: int, refill_min: int | None) -> int:
     return max(1, b // 4) if refill_min is None else min(max(1, refill_min), b)
 

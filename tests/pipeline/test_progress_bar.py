@@ -79,7 +79,7 @@ def test_plain_lines_and_phases_off_a_terminal(ray_cluster, tmp_path):
     assert lines[-1].startswith(f"gemma-batch: {len(ids)}/{len(ids)} rows (100%) | ")
     phases = [ln.split(": ", 1)[1].split(" | ")[0] for ln in lines if " rows (" not in ln]
     # Each phase in order, all before the first row.
-    want = ["connecting to Ray", "starting 1 actor", "loading the model", "compiling up to "]
+    want = ["connecting to Ray", "starting 1 actor", "loading the model", "compiling about "]
     at = [next(i for i, p in enumerate(phases) if p.startswith(w)) for w in want]
     assert at == sorted(at), phases
     first_row = next(i for i, ln in enumerate(lines) if " rows (" in ln)
