@@ -117,11 +117,11 @@ def _refill_min(b: int, refill_min: int | None) -> int:
 
 
 def _slots_for(n_rows: int, max_batch: int, buckets: Buckets) -> int:
-    """Decode slots: the batch bucket of n_rows, capped at the largest bucket <= max_batch."""
-    b = buckets.batch_bucket(min(n_rows, max_batch))
-    if b > max_batch:
-        b = max([x for x in buckets.batch if x <= max_batch], default=max_batch)
-    return b
+    """Decode slots: the batch bucket of min(n_rows, max_batch) (at most the largest bucket).
+
+    The bucket may hold more slots than max_batch (21 rows, max_batch 21: 24 slots); the
+    scheduler never fills more than max_batch of them, so the rows still run as one wave."""
+    return min(buckets.batch_bucket(min(n_rows, max_batch)), buckets.max_batch)
 
 
 def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
@@ -335,18 +335,21 @@ def _run_group(engine: Engine, length: int, group: list[Row], max_batch: int,
     slots = engine.empty_slots(b, out_len)
     waiting = collections.deque(group)
     slot_row: list[Row | None] = [None] * b
-    refill_min = _refill_min(b, refill_min)
+    cap = min(b, max_batch)  # rows decoding at once
+    refill_min = _refill_min(cap, refill_min)
 
     while True:
         free = [s for s in range(b) if slot_row[s] is None]
-        if waiting and free:
-            placed = [(s, waiting.popleft()) for s in free[: len(waiting)]]
+        room = min(len(waiting), cap - (b - len(free)))
+        if room > 0:
+            placed = [(s, waiting.popleft()) for s in free[:room]]
             for s, r in placed:
                 slot_row[s] = r
             state, slots = prefill_rows(engine, state, slots, placed, length)
         if all(r is None for r in slot_row):
             return
-        min_free = min(len(waiting), refill_min) if waiting else b + 1
+        # Slots past `cap` never hold a row: they count as free from the start.
+        min_free = min(len(waiting), refill_min) + (b - cap) if waiting else b + 1
         max_steps = stop_check_every if stop_strings else np.iinfo(np.int32).max
         state, slots, _ = engine.decode(state, slots, stop_table, max_steps, min_free, length)
         active, n_out, out = jax.device_get((slots.active, slots.n_out, slots.out))
