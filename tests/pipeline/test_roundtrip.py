@@ -35,6 +35,13 @@ def test_round_trip_three_shards(scheme, ray_cluster, tmp_path):
     assert set(df["finish_reason"]) <= {"stop", "length"}
     assert (df["model"] == "tiny-gemma3").all() and (df["task"] == "raw").all()
     assert (df["output_tokens"] <= 4).all() and (df["prompt_tokens"] > 0).all()
+    # The actors' prefill work: every prompt token but the last (fed by the first decode step)
+    # was either computed or copied from a shared prefix; padding is counted apart.
+    work = summary["prefill"]
+    assert work["padded_tokens"] >= work["real_tokens"] > 0
+    assert work["padding_ratio"] == round(work["padded_tokens"] / work["real_tokens"], 4)
+    assert (work["real_tokens"] + work["prefix_reused_tokens"]
+            >= int((df["prompt_tokens"] - 1).sum()))
 
     fs, path = get_fs(out)
     fs.invalidate_cache()
