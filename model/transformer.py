@@ -129,15 +129,8 @@ def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
     """cache[b, ..., slots[b, t]] = values[b, t] for a slots-last cache [B, K, Dh, S]."""
     b, t = slots.shape
     rows = jnp.broadcast_to(jnp.arange(b, dtype=slots.dtype)[:, None], (b, t))
-    idx = jnp.stack([rows, slots], axis=-1)  # [B, T, 2]: (row, slot)
-    # A direct scatter on the slots-last layout: `cache.at[rows, :, :, slots]` would scatter into
-    # a transposed view and copy the whole cache back every step.
-    dims = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(2, 3), inserted_window_dims=(0, 3),
-        scatter_dims_to_operand_dims=(0, 3))
-    return jax.lax.scatter(cache, idx, values.astype(cache.dtype), dims,
-                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-                           unique_indices=False, indices_are_sorted=False)
+    return _scatter_rows_last(cache, rows.reshape(-1), slots.reshape(-1),
+                              values.reshape((b * t,) + values.shape[2:]))
 
 
 def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool
@@ -284,7 +277,9 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
 def _scatter_rows_last(cache: Array, rows: Array, slots: Array, values: Array) -> Array:
     """cache[rows[n], :, :, slots[n]] = values[n] for a slots-last cache [B, K, Dh, S]
     (values [N, K, Dh]; out-of-range rows or slots are dropped)."""
-    idx = jnp.stack([rows, slots], axis=-1)  # [N, 2]
+    idx = jnp.stack([rows, slots], axis=-1)  # [N, 2]: (row, slot)
+    # A direct scatter on the slots-last layout: `cache.at[rows, :, :, slots]` would scatter into
+    # a transposed view and copy the whole cache back every step.
     dims = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(1, 2), inserted_window_dims=(0, 3),
         scatter_dims_to_operand_dims=(0, 3))
