@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from model import packed
@@ -33,7 +34,7 @@ class Row:
 
 
 def prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[int, Row]],
-                  length: int, count: bool = True) -> tuple[State, Slots]:
+                 length: int, count: bool = True) -> tuple[State, Slots]:
     """Prefills prompt[:-1] of the placed rows into their slots and places them.
 
     Rows of one prefix share packed calls (model/packed.py): each row starts from a copy of the
@@ -117,7 +118,8 @@ def _prefill_chunks(engine: Engine, state: State, slots: Slots, rows: list[tuple
 def _prefix_state(engine: Engine, prefix: tuple[int, ...]) -> tuple[State, int]:
     """(the 1-row state after `prefix`, its cache length Lp): empty for (), else prefilled once
     at the smallest length bucket that holds it (every row that starts from it has L >= Lp) and
-    kept in `engine.prefixes` (least recently used dropped past `engine.max_prefixes`)."""
+    kept in `engine.prefixes` (least recently used dropped past `engine.max_prefixes` states or
+    `engine.max_prefix_bytes` in all)."""
     hit = engine.prefixes.get(prefix)
     if hit is not None:
         engine.prefixes.move_to_end(prefix)
@@ -130,9 +132,14 @@ def _prefix_state(engine: Engine, prefix: tuple[int, ...]) -> tuple[State, int]:
         state, _ = prefill_rows(engine, state, slots, [(0, row)], length, count=False)
         engine.stats.prefixes_computed += 1
     engine.prefixes[prefix] = (state, length)
-    while len(engine.prefixes) > engine.max_prefixes:
+    while len(engine.prefixes) > 1 and (len(engine.prefixes) > engine.max_prefixes
+                                        or _bytes(engine.prefixes) > engine.max_prefix_bytes):
         engine.prefixes.popitem(last=False)
     return state, length
+
+
+def _bytes(prefixes: dict) -> int:
+    return sum(leaf.nbytes for st, _ in prefixes.values() for leaf in jax.tree_util.tree_leaves(st))
 
 
 def assign_prefixes(rows: list[Row], cached: Sequence[tuple[int, ...]] = (),

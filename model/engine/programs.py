@@ -249,6 +249,7 @@ class Engine:
         self.prefixes: collections.OrderedDict[tuple[int, ...], tuple[State, int]] = (
             collections.OrderedDict())
         self.max_prefixes = 32
+        self.max_prefix_bytes = 1 << 30  # a 27B model's 8K-token prefix is ~1 GB: keep one
         self.stats = PrefillStats()
 
     def __repr__(self) -> str:

@@ -77,6 +77,16 @@ def test_questions_on_one_passage_share_its_prefix():
     assert eng.stats.prefixes_computed - before == 2
     b = generate(eng, prompts, None, reuse_prefixes=False, **kw)
     assert [g.tokens for g in a] == [g.tokens for g in b]
+    # The store is bounded in bytes too: with room for none, only the newest prefix is kept,
+    # and outputs do not change.
+    eng.prefixes.clear()
+    eng.max_prefix_bytes = 1
+    try:
+        c = generate(eng, prompts, None, **kw)
+        assert len(eng.prefixes) == 1
+    finally:
+        eng.max_prefix_bytes = 1 << 30
+    assert [g.tokens for g in c] == [g.tokens for g in a]
 
 
 def test_prefix_assignment_rules():
