@@ -90,7 +90,7 @@ def attention(q: Array, k: Array, v: Array, pack: Pack, ctx_k: Array, ctx_v: Arr
       pack: positions and rows of the N tokens (N a multiple of 32 when over 32).
       ctx_k, ctx_v: [C, K, Dh] the shared prefix's keys and values; ctx_pos: [C] (-1 = empty).
       span: static; every segment in the pack is at most this long, so block j's queries
-        [jQ, jQ+Q) only need packed keys in [jQ + Q - span - Q, jQ + Q).
+        [jQ, jQ+Q) only need packed keys in [jQ - span, jQ + Q).
       window: sliding window (a query at p sees keys q with p - q < window), None = global.
       cap: attention logit soft-cap, None = none.
     Returns:
