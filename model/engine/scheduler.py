@@ -130,7 +130,8 @@ def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
 
     A token decoded alone can only lose a leading space against its text in context, so a
     token listed here completes the stop string wherever it appears; stop strings that span
-    tokens are still found by the host's text check.
+    tokens are still found by the host's text check, and so is a string held by more than
+    `MAX_STOP_TOKENS` tokens (" " or "e": a table that size would cost every decode step).
     """
     if tokenizer is None or not stop_strings:
         return frozenset()
@@ -144,9 +145,17 @@ def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
     n = getattr(tokenizer, "vocab_size", None) or vocab_size or 0
     key = (tuple(stop_strings), n)
     if key not in cache:
-        cache[key] = frozenset(i for i in range(n)
-                               if any(s in tokenizer.decode([i]) for s in stop_strings))
+        texts = [tokenizer.decode([i]) for i in range(n)]
+        found: set[int] = set()
+        for stop in stop_strings:
+            ids = [i for i, t in enumerate(texts) if stop in t]
+            if len(ids) <= MAX_STOP_TOKENS:
+                found.update(ids)
+        cache[key] = frozenset(found)
     return cache[key]
+
+
+MAX_STOP_TOKENS = 1024
 
 
 def _stop_table(stop_ids: Sequence[int]) -> np.ndarray:

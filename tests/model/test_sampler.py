@@ -220,3 +220,23 @@ def test_compiled_programs_stay_within_the_buckets():
     again = generate(engine, [prompts[i] for i in order], None, row_ids=order.tolist(), **kw)
     assert len(engine.compile_log.records) == before + len(new)
     assert [again[j].tokens for j in np.argsort(order)] == [g.tokens for g in out]
+
+
+def test_stop_string_tokens_stop_rows_on_device():
+    from model.checkpoints.load import load_text_side
+    from model.engine.scheduler import MAX_STOP_TOKENS, stop_string_tokens
+
+    tok = load_text_side("gemma3-270m").tokenizer
+    newline = stop_string_tokens(tok, ["\n"])
+    # Every token whose own text holds a newline (the byte token, "\n\n", ...), nothing else.
+    assert set(tok.encode("a\nb")) & newline  # the newline of real text is among them
+    assert newline and all("\n" in tok.decode([i]) for i in newline)
+    assert len(newline) < 100
+    # A string most tokens hold stays a host check (no giant stop table); the others still go.
+    common = stop_string_tokens(tok, ["e"])
+    assert common == frozenset() and len(newline) < MAX_STOP_TOKENS
+    assert stop_string_tokens(tok, ["\n", "e"]) == newline
+    # With the tiny byte tokenizer: one byte is one token; two bytes span tokens (host check).
+    m = tiny("tiny-gemma3")
+    assert stop_string_tokens(m.tokenizer, ["7"]) == frozenset(m.tokenizer.encode("7"))
+    assert stop_string_tokens(m.tokenizer, ["78"]) == frozenset()
