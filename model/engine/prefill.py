@@ -160,7 +160,7 @@ def assign_prefixes(rows: list[Row], cached: Sequence[tuple[int, ...]] = (),
             if 0 <= j < len(order):
                 n = max(n, len(os.path.commonprefix([r.prompt, order[j].prompt])))
         best[id(r)] = min(n, len(r.prompt) - 1)
-    known = sorted(set(cached), key=len, reverse=True)
+    known = sorted({k for k in cached if k}, key=len, reverse=True)  # () is no prefix
     for r in rows:
         c = best[id(r)]
         hit = next((k for k in known if len(k) <= len(r.prompt) - 1

@@ -106,6 +106,10 @@ def test_prefix_assignment_rules():
     assert rows[0].prefix == ()
     assign_prefixes(rows, cached=[tuple(frame)])
     assert rows[0].prefix == tuple(frame)
+    # The engine's empty prefix (kept like any other) never stands in for a short shared one.
+    rows = [Row(i, frame[:20] + [i, 7], None) for i in range(3)]
+    assign_prefixes(rows, cached=[()])
+    assert [len(r.prefix) for r in rows] == [20, 20, 20]
 
 
 def test_padding_ratio_on_the_demo_corpus():
