@@ -37,5 +37,5 @@ from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, enable_co
 from model.engine.programs import Engine, RowSettings
 from model.engine.scheduler import Generation, expected_programs, generate, plan_programs
 
-__all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets", "DEFAULT_BUCKETS",
-           "CompileLog", "RowSettings", "enable_compile_cache"]
+__all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
+           "DEFAULT_BUCKETS", "CompileLog", "RowSettings", "enable_compile_cache"]
