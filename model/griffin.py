@@ -31,39 +31,19 @@ position p see keys at positions p - attention_window < q <= p, as transformers 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import packed
 from model.config import GriffinConfig
+from model.griffin_blocks import (Array, AttentionState, GriffinState, Params, RecurrentState,
+                                  embed_scale, mlp, rg_lru)
+from model.griffin_packed import forward_packed  # noqa: F401 - the Family's packed prefill
 from model.layers import dot, gelu_tanh, rms_norm, rope, scatter_slots, unembed, write_slots
-from model.scan import linear_scan
-
-Array = jax.Array
-Params = dict[str, Any]
 
 _NEG = -1e30  # finite "minus infinity": a fully masked (padding) query gives garbage, not NaN
-
-
-class RecurrentState(NamedTuple):
-    """State of one recurrent block."""
-
-    rg_lru: Array  # [B, L] float32 hidden state of the RG-LRU
-    conv: Array  # [B, W-1, L] the last W-1 inputs of the temporal conv (oldest first)
-
-
-class AttentionState(NamedTuple):
-    """Ring buffer of one local-attention block: position p lives in slot p % S."""
-
-    k: Array  # [B, S, K, Dh] keys (RoPE applied)
-    v: Array  # [B, S, K, Dh]
-    pos: Array  # [B, S] int32 position held in each slot, -1 = empty
-
-
-GriffinState = tuple  # one RecurrentState | AttentionState per block
 
 
 # Logical axes of every parameter and state leaf, by its name (model/sharding.py maps them onto
@@ -92,11 +72,6 @@ STATE_AXES: dict[str, tuple[str | None, ...]] = {
     "v": ("batch", "cache_len", "kv_heads", "head_dim"),
     "pos": ("batch", "cache_len"),  # [B, S]
 }
-
-
-def embed_scale(d_model: int) -> float:
-    """sqrt(d_model) rounded to bfloat16, as both reference implementations compute it."""
-    return float(np.asarray(math.sqrt(d_model), dtype=jnp.bfloat16))
 
 
 # ----------------------------------------------------------------------------- params
@@ -210,47 +185,6 @@ def init_state(cfg: GriffinConfig, batch: int, max_len: int = 0,
 # ----------------------------------------------------------------------------- blocks
 
 
-def _mlp(p: Params, x: Array) -> Array:
-    """GeGLU MLP with biases: [B, T, D] -> [B, T, D]."""
-    gate = gelu_tanh(dot("btd,df->btf", x, p["gate"]) + p["gate_b"])  # [B, T, F]
-    up = dot("btd,df->btf", x, p["up"]) + p["up_b"]
-    return dot("btf,fd->btd", gate * up, p["down"]) + p["down_b"]
-
-
-def _rg_lru(p: Params, x: Array, pos: Array, h0: Array | None,
-            cfg: GriffinConfig) -> tuple[Array, Array]:
-    """Real-gated linear recurrent unit.
-
-    Args:
-      x: [B, T, L] input (output of the conv).
-      pos: [B, T] positions (-1 padding, 0 restarts the recurrence).
-      h0: [B, L] float32 state before the chunk, or None for zeros.
-    Returns:
-      y: [B, T, L] in x's dtype; h: [B, L] float32 state after the last valid token.
-    """
-    b, t, lw = x.shape
-    n = cfg.num_heads
-    xf = x.astype(jnp.float32)
-    xb = xf.reshape(b, t, n, lw // n)  # [B, T, N, I]
-
-    def block_diag(w: Array, bias: Array) -> Array:
-        y = jnp.einsum("btni,nij->btnj", xb, w.astype(jnp.float32)) + bias.astype(jnp.float32)
-        return y.reshape(b, t, lw)  # [B, T, L]
-
-    gate_x = jax.nn.sigmoid(block_diag(p["input_gate"], p["input_gate_b"]))
-    gate_a = jax.nn.sigmoid(block_diag(p["a_gate"], p["a_gate_b"]))
-    log_a = -8.0 * gate_a * jax.nn.softplus(p["a_param"].astype(jnp.float32))  # c = 8
-    a = jnp.exp(log_a)
-    a_sq = jnp.exp(2.0 * log_a)
-    reset = (pos == 0)[..., None]  # [B, T, 1]
-    valid = (pos >= 0)[..., None]
-    multiplier = jnp.where(reset, 1.0, jnp.sqrt(1.0 - a_sq))  # sqrt(1 - a^2) normalisation
-    x_in = jnp.where(valid, xf * gate_x * multiplier, 0.0)
-    a = jnp.where(valid, jnp.where(reset, 0.0, a), 1.0)  # padding: h passes through unchanged
-    h = linear_scan(a, x_in, h0)  # [B, T, L] float32
-    return h.astype(x.dtype), h[:, -1]
-
-
 def _recurrent_block(p: Params, x: Array, pos: Array, st: RecurrentState | None,
                      reset: Array, n_valid: Array,
                      cfg: GriffinConfig) -> tuple[Array, RecurrentState | None]:
@@ -279,7 +213,8 @@ def _recurrent_block(p: Params, x: Array, pos: Array, st: RecurrentState | None,
     conv = p["conv_b"].astype(u.dtype)
     for j in range(wc):  # conv_w[j] multiplies the input (W-1-j) steps back
         conv = conv + ext[:, j:j + t] * p["conv_w"][j].astype(u.dtype)
-    r, h_last = _rg_lru(p, conv, pos, h0, cfg)
+    h = rg_lru(p, conv, pos, h0, cfg)  # [B, T, L] float32
+    r, h_last = h.astype(conv.dtype), h[:, -1]
     out = dot("btl,ld->btd", (r * y).astype(x.dtype), p["linear_out"]) + p["linear_out_b"]
     if st is None:
         return out, None
@@ -408,7 +343,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
         else:
             y, st = _attention_block(p, hn, positions, st, reset, cfg)
         x = x + y
-        x = x + _mlp(p, rms_norm(x, p["channel_norm"], cfg.rms_eps))
+        x = x + mlp(p, rms_norm(x, p["channel_norm"], cfg.rms_eps))
         new_state.append(st)
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
     if shift is not None:  # undo the roll
@@ -423,16 +358,3 @@ def state_bytes(cfg: GriffinConfig, batch: int, dtype: Any = jnp.float32) -> int
     shapes = jax.eval_shape(lambda: init_state(cfg, batch, 0, dtype))
     return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize
                    for s in jax.tree.leaves(shapes)))
-
-
-# ----------------------------------------------------------------------------- packed prefill
-
-
-def forward_packed(params: Params, pack: packed.Pack, state: GriffinState,
-                   prefix: GriffinState, prefix_len: int, span: int,
-                   cfg: GriffinConfig) -> tuple[Array, GriffinState]:
-    """Packed prefill (model/packed.py) from a shared prefix state; see
-    `model.griffin_packed.forward_packed`."""
-    from model.griffin_packed import forward_packed as run
-
-    return run(params, pack, state, prefix, prefix_len, span, cfg)

@@ -1,19 +1,18 @@
 """RecurrentGemma's packed prefill: several rows' segments in one sequence (model/packed.py),
 each continuing a shared prefix state (its RG-LRU state, conv tail and local-attention ring),
-each row's final state written into the engine's state. `model.griffin.forward_packed` calls it.
+each row's final state written into the engine's state; `model.griffin` exports it as the
+family's `forward_packed`.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from model import packed
 from model.config import GriffinConfig
-from model.griffin import (Array, AttentionState, GriffinState, Params, RecurrentState, _mlp,
-                           embed_scale)
+from model.griffin_blocks import (Array, AttentionState, GriffinState, Params, RecurrentState,
+                                  embed_scale, mlp, rg_lru)
 from model.layers import dot, gelu_tanh, rms_norm, rope, unembed
-from model.scan import linear_scan
 
 
 def _recurrent_packed(p: Params, x: Array, pack: packed.Pack, st: RecurrentState,
@@ -21,7 +20,7 @@ def _recurrent_packed(p: Params, x: Array, pack: packed.Pack, st: RecurrentState
     """Recurrent block over packed segments, each continuing the prefix state `pre` (1 row).
 
     The conv reads the segment's own earlier inputs, else the prefix's conv tail; the RG-LRU
-    starts each segment from the prefix's hidden state (position 0: from zero, as `_rg_lru`).
+    starts each segment from the prefix's hidden state (position 0: from zero, as in `rg_lru`).
     Writes each placed row's final hidden state and conv tail into `st` (rows pack.row).
     """
     wc, n = cfg.conv1d_width, x.shape[1]
@@ -41,27 +40,9 @@ def _recurrent_packed(p: Params, x: Array, pack: packed.Pack, st: RecurrentState
     for j in range(wc):  # conv_w[j] multiplies the input (W-1-j) steps back
         conv = conv + lagged(wc - 1 - j, idx_n, off) * p["conv_w"][j].astype(u.dtype)
 
-    # RG-LRU (as `_rg_lru`), each segment starting from the prefix state.
-    lw, nh = u.shape[-1], cfg.num_heads
-    xf = conv.astype(jnp.float32)
-    xb = xf.reshape(n, nh, lw // nh)
-
-    def block_diag(w: Array, bias: Array) -> Array:
-        return (jnp.einsum("tni,nij->tnj", xb, w.astype(jnp.float32))
-                + bias.astype(jnp.float32)).reshape(n, lw)
-
-    gate_x = jax.nn.sigmoid(block_diag(p["input_gate"], p["input_gate_b"]))
-    gate_a = jax.nn.sigmoid(block_diag(p["a_gate"], p["a_gate_b"]))
-    log_a = -8.0 * gate_a * jax.nn.softplus(p["a_param"].astype(jnp.float32))
-    a = jnp.exp(log_a)
-    reset = (pos == 0)[:, None]
-    valid = (pos >= 0)[:, None]
-    start = ((off == 0) & (pos > 0))[:, None]  # a segment continuing the prefix
-    multiplier = jnp.where(reset, 1.0, jnp.sqrt(1.0 - jnp.exp(2.0 * log_a)))
-    x_in = jnp.where(valid, xf * gate_x * multiplier, 0.0)
-    x_in = jnp.where(start, x_in + a * pre.rg_lru[0][None, :], x_in)
-    a = jnp.where(valid, jnp.where(reset | start, 0.0, a), 1.0)
-    h = linear_scan(a[None], x_in[None], None)[0]  # [N, L] float32
+    # The RG-LRU, each segment starting from the prefix state (position 0: from zero).
+    start = (off == 0) & (pos > 0)
+    h = rg_lru(p, conv[None], pos[None], None, cfg, start[None], pre.rg_lru[0])[0]  # [N, L]
     out = dot("btl,ld->btd", (h.astype(u.dtype) * y)[None].astype(x.dtype), p["linear_out"])
     out = out + p["linear_out_b"]
 
@@ -116,7 +97,7 @@ def forward_packed(params: Params, pack: packed.Pack, state: GriffinState,
         else:
             y, st = _attention_packed(p, hn, pack, st, pre, prefix_len, span, cfg)
         x = x + y
-        x = x + _mlp(p, rms_norm(x, p["channel_norm"], cfg.rms_eps))
+        x = x + mlp(p, rms_norm(x, p["channel_norm"], cfg.rms_eps))
         new_state.append(st)
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
     return unembed(x, embed, cfg.final_softcap)[0], tuple(new_state)
