@@ -12,7 +12,7 @@ from model import packed
 from model.config import GriffinConfig
 from model.griffin_blocks import (Array, AttentionState, GriffinState, Params, RecurrentState,
                                   embed_scale, mlp, rg_lru)
-from model.layers import dot, gelu_tanh, rms_norm, rope, unembed
+from model.layers import dot, gelu_tanh, rms_norm, rope, unembed, write_slots
 
 
 def _recurrent_packed(p: Params, x: Array, pack: packed.Pack, st: RecurrentState,
@@ -73,7 +73,7 @@ def _attention_packed(p: Params, x: Array, pack: packed.Pack, st: AttentionState
                            pre.v[0, :c], pre.pos[0, :c], span, s, None)
     out = out.reshape(1, -1, h * dh).astype(x.dtype)
     out = dot("btf,fd->btd", out, p["o"].reshape(h * dh, -1)) + p["o_b"]
-    slot = packed.write_index(pack, s, ring=True)
+    slot = write_slots(pack.positions, s, ring=True, last=pack.last)
     new = AttentionState(k=st.k.at[pack.row, slot].set(k_.astype(st.k.dtype), mode="drop"),
                          v=st.v.at[pack.row, slot].set(v_.astype(st.v.dtype), mode="drop"),
                          pos=st.pos.at[pack.row, slot].set(pos, mode="drop"))

@@ -99,16 +99,19 @@ def rope(x: Array, positions: Array, base: float, scale: float = 1.0,
     return jnp.concatenate([out, rest], axis=-1) if rd < dh else out
 
 
-def write_slots(positions: Array, size: int, ring: bool) -> Array:
+def write_slots(positions: Array, size: int, ring: bool, last: Array | None = None) -> Array:
     """Slot index per token for a cache of `size` slots; `size` (out of range) means "drop".
 
-    positions: [B, T]. Padding (-1) is dropped. A ring holds position p in slot p % size, and
-    only the last `size` positions of each row are written, so no two tokens of one chunk land
-    in the same slot; a flat cache holds p in slot p (positions >= size are dropped).
+    positions: [B, T] (or packed [N] with `last`). Padding (-1) is dropped. A ring holds
+    position p in slot p % size, and only the last `size` positions of each sequence are
+    written, so no two of its tokens land in the same slot; a flat cache holds p in slot p
+    (positions >= size are dropped). `last`: each token's sequence's last position (default:
+    the row's largest).
     """
     valid = positions >= 0
     if ring:
-        last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]
+        if last is None:
+            last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]
         valid &= positions > last - size
         slots = positions % size
     else:

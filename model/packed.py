@@ -64,23 +64,6 @@ def pack_arrays(segments: Sequence[tuple[int, int, Sequence[int]]], n: int, rows
     return Pack(tokens, positions, row, offset, last, row_end)
 
 
-def write_index(pack: Pack, size: int, ring: bool) -> Array:
-    """Cache slot per packed token for a cache of `size` slots (`size` = drop).
-
-    A ring holds position p in slot p % size and keeps only the last `size` positions of each
-    segment (so no two tokens of a row land in one slot); a flat cache holds p in slot p.
-    """
-    pos = pack.positions
-    valid = pos >= 0
-    if ring:
-        valid &= pos > pack.last - size
-        slots = pos % size
-    else:
-        valid &= pos < size
-        slots = pos
-    return jnp.where(valid, slots, size)
-
-
 def attention(q: Array, k: Array, v: Array, pack: Pack, ctx_k: Array, ctx_v: Array,
               ctx_pos: Array, span: int, window: int | None, cap: float | None) -> Array:
     """Block-diagonal causal attention of packed tokens over a shared context plus their segment.
@@ -144,8 +127,3 @@ def ctx_slots(size: int, prefix_len: int) -> int:
     """Slots of a prefix cache of `size` slots that can hold its first prefix_len positions
     (a multiple of 64, at least 8): the context the packed attention reads."""
     return min(size, max(8, -(-prefix_len // 64) * 64))
-
-
-def last_of_rows(x: Array, row_end: Array) -> Array:
-    """x [N, ...] at each placed row's last token -> [P, ...] (rows with none: index 0)."""
-    return x[jnp.maximum(row_end, 0)]

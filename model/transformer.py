@@ -307,8 +307,8 @@ def forward_packed(params: Params, pack: packed.Pack, state: KVState, prefix: KV
     x = params["embed"][pack.tokens][None] * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     size_g, size_l = state.pos_global.shape[1], state.pos_local.shape[1]
-    slot_g = packed.write_index(pack, size_g, ring=False)
-    slot_l = packed.write_index(pack, size_l, ring=True)
+    slot_g = write_slots(pack.positions, size_g, ring=False)
+    slot_l = write_slots(pack.positions, size_l, ring=True, last=pack.last)
     new_k, new_v = list(state.k), list(state.v)
     for i, layer in enumerate(params["layers"]):
         local = cfg.layer_types[i] == "local"
