@@ -56,10 +56,13 @@ def prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[
                 st.prefix_rows += len(items)
                 st.prefix_tokens += plen * len(items)
         packs: list[list[tuple[int, Row, list[int]]]] = [[]]
+        filled = 0  # tokens in the last pack
         for h in heads:
-            if packs[-1] and sum(len(x[2]) for x in packs[-1]) + len(h[2]) > bk.pack_size:
+            if packs[-1] and filled + len(h[2]) > bk.pack_size:
                 packs.append([])
+                filled = 0
             packs[-1].append(h)
+            filled += len(h[2])
         for pk in packs:
             real = sum(len(x[2]) for x in pk)
             n = bk.pack_bucket(real)

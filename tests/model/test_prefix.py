@@ -11,9 +11,9 @@ from model import load_model
 from model.engine import Buckets, Engine, generate
 from model.engine.prefill import Row, assign_prefixes
 
-# Spans of 64 tokens: rows whose prompt is longer continue in chunks of 32.
-TB = Buckets(batch=(1, 2, 4, 8), length=(128, 256), chunk=(32,), pack=(64, 128, 256),
-             span=(64,))
+# Spans of 64 tokens: rows whose prompt is longer continue in chunks of 32; packs of at most 96
+# tokens: a placement of several long rows takes several packed calls.
+TB = Buckets(batch=(1, 2, 4, 8), length=(128, 256), chunk=(32,), pack=(32, 64, 96), span=(64,))
 FAMILIES = ["tiny-gemma3", "tiny-gemma2", "tiny-recurrentgemma"]
 _ENGINES: dict = {}
 
@@ -44,6 +44,7 @@ def test_prefix_reuse_gives_the_outputs_of_full_prefill(name):
     assert st["prefixes_computed"] - before["prefixes_computed"] == 1
     assert st["prefix_rows"] - before["prefix_rows"] == 6
     assert tuple(frame) in eng.prefixes
+    assert st["padded_tokens"] - before["padded_tokens"] > 96  # more than one packed call
     full = generate(eng, prompts, None, reuse_prefixes=False, **kw)
     alone = [generate(eng, [p], None, reuse_prefixes=False, stop_token_ids=[],
                       max_new_tokens=n, max_batch=1)[0]
