@@ -10,6 +10,7 @@ S = stop-token table size.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -149,11 +150,12 @@ def vocab_major_head(params: Params, b: int) -> bool:
 
 def decode_program(family: Family, cfg: ModelConfig,
                    constrain: Callable[[State], State] = _keep) -> Callable:
-    """(params, state, slots, stop ids [S], max_steps, min_free) -> (state, slots, steps).
+    """(params, state, slots, stop ids [S], max_steps, min_free) -> (state, slots, steps, busy).
 
     One `lax.while_loop`: every active slot gets its next token per step, until no slot is
-    active, `max_steps` steps ran, or at least `min_free` slots are free. `constrain` pins the
-    state's layout in the loop (a sharding constraint on a mesh; identity otherwise).
+    active, `max_steps` steps ran, or at least `min_free` slots are free; `busy` counts the
+    active slots summed over the steps (slot occupancy). `constrain` pins the state's layout in
+    the loop (a sharding constraint on a mesh; identity otherwise).
     """
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
@@ -163,13 +165,13 @@ def decode_program(family: Family, cfg: ModelConfig,
         out_len = slots.out.shape[1]
         vocab_major = vocab_major_head(params, b)
 
-        def cond(carry: tuple[Array, State, Slots]) -> Array:
-            step, _, sl = carry
+        def cond(carry: tuple[Array, Array, State, Slots]) -> Array:
+            step, _, _, sl = carry
             n_active = jnp.sum(sl.active)
             return (step < max_steps) & (n_active > 0) & (b - n_active < min_free)
 
-        def body(carry: tuple[Array, State, Slots]) -> tuple[Array, State, Slots]:
-            step, st, sl = carry
+        def body(carry: tuple[Array, Array, State, Slots]) -> tuple[Array, Array, State, Slots]:
+            step, busy, st, sl = carry
             act_b, rs = sl.active, sl.settings
             positions_b1 = jnp.where(act_b, sl.pos, -1)[:, None]
             logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
@@ -185,12 +187,25 @@ def decode_program(family: Family, cfg: ModelConfig,
             sl = sl._replace(active=act_b & ~finished_b, out=out, n_out=n_out,
                              last_token=jnp.where(act_b, nxt_b, sl.last_token),
                              pos=sl.pos + act_b)
-            return step + 1, constrain(st), sl
+            return step + 1, busy + jnp.sum(act_b, dtype=jnp.int32), constrain(st), sl
 
-        steps, state, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), state, slots))
-        return state, slots, steps
+        steps, busy, state, slots = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), jnp.int32(0), state, slots))
+        return state, slots, steps, busy
 
     return decode
+
+
+def resize(fresh: Callable[[], tuple[State, Slots]], state: State, slots: Slots
+           ) -> tuple[State, Slots]:
+    """(state, slots) copied into `fresh()` ones of other B, L, O: every leaf keeps the corner
+    both shapes share. Valid while each active row fits the new L and O: cache entries sit at
+    their position (a ring smaller than the window never wraps), so the corner holds them."""
+    def fit(new: Array, old: Array) -> Array:
+        corner = tuple(slice(0, min(a, c)) for a, c in zip(new.shape, old.shape))
+        return new.at[corner].set(old[corner].astype(new.dtype))
+
+    return jax.tree_util.tree_map(fit, fresh(), (state, slots))
 
 
 def deactivate(slots: Slots, kill_b: Array) -> Slots:
@@ -366,7 +381,7 @@ class Engine:
         return fn(*args)
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
-               min_free: int, length: int) -> tuple[State, Slots, Array]:
+               min_free: int, length: int) -> tuple[State, Slots, Array, Array]:
         """Runs the decode loop (see `decode_program`) over a state of cache length L."""
         b, o = slots.out.shape
         args = (self.params, state, slots, self._put(stop_ids),
@@ -375,7 +390,7 @@ class Engine:
         def shardings() -> tuple[Any, Any]:
             st, sl = self.state_shardings(b, length), self._slots_sh(slots)
             rep = sharding.replicated(self.mesh)
-            return (self._param_sh, st, sl, rep, rep, rep), (st, sl, rep)
+            return (self._param_sh, st, sl, rep, rep, rep), (st, sl, rep, rep)
 
         fn = self.compile_log.get(
             ("decode", b, length, o, len(stop_ids)), "decode",
@@ -397,4 +412,28 @@ class Engine:
         fn = self.compile_log.get(
             ("deactivate", b, length, o), "deactivate", f"B={b} L={length}",
             lambda: self._compile(deactivate, (0,), args, shardings))
+        return fn(*args)
+
+    def resize(self, state: State, slots: Slots, length: int, b: int, new_length: int,
+               out_len: int) -> tuple[State, Slots]:
+        """The state and slots moved to B' = b slots, cache length L' and O' = out_len (see
+        `resize`); every active row must fit L' and O'."""
+        b0, o0 = slots.out.shape
+        args = (state, slots)
+        fresh = (jax.eval_shape(lambda: self.family.init_state(self.cfg, b, new_length,
+                                                                self.dtype)),
+                 jax.eval_shape(lambda: empty_slots(b, out_len)))
+
+        def shardings() -> tuple[Any, Any]:
+            new_sl = jax.tree_util.tree_map(
+                lambda x: sharding.batch_sharding(self.mesh, x.shape), fresh[1])
+            return ((self.state_shardings(b0, length), self._slots_sh(slots)),
+                    (self.state_shardings(b, new_length), new_sl))
+
+        fn = self.compile_log.get(
+            ("resize", b0, length, o0, b, new_length, out_len), "resize",
+            f"B={b0}->{b} L={length}->{new_length} O={o0}->{out_len}",
+            lambda: self._compile(functools.partial(
+                resize, lambda: (self.family.init_state(self.cfg, b, new_length, self.dtype),
+                                 empty_slots(b, out_len))), (), args, shardings))
         return fn(*args)

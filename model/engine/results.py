@@ -1,0 +1,104 @@
+"""A row's result: `Generation`, built from its generated ids (stop tokens and stop strings
+cut), and the stop-token table the decode loop checks on device."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from model.engine.prefill import Row
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's result.
+
+    Attributes:
+      tokens: generated ids; a stop token that ended the row is not included, and with a stop
+        string the ids end with the one that completed it.
+      text: decoded `tokens`, cut before the first stop string.
+      finish_reason: "stop" (stop token or stop string) or "length" (max_new_tokens reached).
+      prompt_tokens / output_tokens: token counts (output_tokens == len(tokens)).
+    """
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
+                       vocab_size: int | None = None) -> frozenset[int]:
+    """Ids whose text alone contains a stop string (cached per tokenizer and strings).
+
+    A token decoded alone can only lose a leading space against its text in context, so a
+    token listed here completes the stop string wherever it appears; stop strings that span
+    tokens are still found by the host's text check, and so is a string held by more than
+    `MAX_STOP_TOKENS` tokens (" " or "e": a table that size would cost every decode step).
+    """
+    if tokenizer is None or not stop_strings:
+        return frozenset()
+    cache = getattr(tokenizer, "_stop_string_tokens", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._stop_string_tokens = cache
+        except AttributeError:  # a tokenizer that takes no attributes: computed every call
+            pass
+    n = getattr(tokenizer, "vocab_size", None) or vocab_size or 0
+    key = (tuple(stop_strings), n)
+    if key not in cache:
+        texts = [tokenizer.decode([i]) for i in range(n)]
+        found: set[int] = set()
+        for stop in stop_strings:
+            ids = [i for i, t in enumerate(texts) if stop in t]
+            if len(ids) <= MAX_STOP_TOKENS:
+                found.update(ids)
+        cache[key] = frozenset(found)
+    return cache[key]
+
+
+MAX_STOP_TOKENS = 1024
+
+
+def stop_table(stop_ids: Sequence[int]) -> np.ndarray:
+    """Stop ids padded with -1 to a multiple of 8 (so the table size rarely changes shape)."""
+    n = max(8, -(-len(stop_ids) // 8) * 8)
+    table = np.full((n,), -1, np.int32)
+    table[: len(stop_ids)] = list(stop_ids)
+    return table
+
+
+def first_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids)) if tokenizer is not None else ""
+
+
+def finish(row: Row, out: list[int], tokenizer: Any, stop_set: frozenset[int],
+            stop_strings: Sequence[str]) -> Generation:
+    """Builds a row's result from its raw generated ids."""
+    reason = "length"
+    if out and out[-1] in stop_set:
+        out = out[:-1]
+        reason = "stop"
+    text = decode_text(tokenizer, out)
+    if stop_strings:
+        cut = first_stop(text, stop_strings)
+        if cut >= 0:
+            # Keep ids up to the one that completed the first stop string.
+            n = len(out)
+            for i in range(1, len(out) + 1):
+                if first_stop(decode_text(tokenizer, out[:i]), stop_strings) >= 0:
+                    n = i
+                    break
+            out, text, reason = out[:n], text[:cut], "stop"
+    return Generation(tokens=[int(x) for x in out], text=text, finish_reason=reason,
+                      prompt_tokens=len(row.prompt), output_tokens=len(out))
