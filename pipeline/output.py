@@ -5,7 +5,8 @@ Layout of a finished run: `part-NNNNN.parquet` shards, `_ERRORS.parquet` (the er
 `_BATCHES.jsonl` (one record per generate batch), `_REPORT.html`, `_SUMMARY.json`, then `_SUCCESS`
 last.
 While a run goes: `_parts/` holds one committed Parquet part per batch plus `_RUN.json` (the
-spec that started it); `_staging/` holds shards being published.
+spec that started it); `_staging/` holds shards being published; `_LEASE.json` names the one run
+writing here (pipeline/lease.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, NoReturn
 
 import pyarrow as pa
 
 from pipeline.errors import InputError, JobError
+from pipeline.lease import LEASE, refuse_if_held
 from pipeline.storage import (
     Dir,
     StorageUnreachable,
@@ -60,8 +62,10 @@ class OutputDir(Dir):
     # -- what is ours, and the run's mode ---------------------------------------------------
 
     def is_ours(self, name: str) -> bool:
+        """Whether `name` at the top level is something a run of ours writes (the lease and
+        the temp files of atomic writes included)."""
         return name in (self.PARTS, self.STAGING, self.SUMMARY, self.SUCCESS, self.ERRORS,
-                        self.BATCHES, self.REPORT) or (
+                        self.BATCHES, self.REPORT, LEASE) or name.startswith(".tmp-") or (
             name.startswith("part-") and name.endswith(".parquet"))
 
     def is_finished(self) -> bool:
@@ -69,14 +73,16 @@ class OutputDir(Dir):
         return self.exists(self.SUCCESS)
 
     def clear_ours(self) -> None:
-        """Removes everything a previous run of ours left (never foreign files)."""
-        self.remove([n for n in self.ls() if self.is_ours(n)])
+        """Removes everything a previous run of ours left (never foreign files, never the
+        lease: the overwriting run holds it)."""
+        self.remove([n for n in self.ls() if self.is_ours(n) and n != LEASE])
 
     def mode(self, *, overwrite: bool, resume: bool) -> Mode:
         """What a new run does here: 'new', 'overwrite', 'resume' or 'finished' (nothing to do).
 
-        Raises InputError for foreign files or an existing run the flags do not address, and
-        JobError when the storage cannot be listed.
+        Raises InputError for foreign files, a live lease of another run, or an existing run
+        the flags do not address, and JobError when the storage cannot be listed. A stale lease
+        alone (a run killed before it wrote anything) counts as empty.
         """
         check_reachable(self.url)
         try:
@@ -91,6 +97,9 @@ class OutputDir(Dir):
             raise InputError(
                 f"output {self.given} holds files that are not a gemma-batch output (e.g. "
                 f"{foreign[0]!r}); choose an empty or new output directory")
+        if LEASE in names:
+            refuse_if_held(self)
+            names = [n for n in names if n != LEASE]
         if not names:
             return "new"
         if overwrite:
@@ -105,11 +114,18 @@ class OutputDir(Dir):
             f"output {self.given} holds an unfinished run; pass --resume to continue it or "
             "--overwrite to start over")
 
+    def confirm_mode(self, mode: Mode, *, overwrite: bool, resume: bool) -> None:
+        """Refuses (InputError) when, with the lease now held, the output is no longer in the
+        mode preflight found: another run wrote here in between."""
+        if mode != "overwrite" and self.mode(overwrite=overwrite, resume=resume) != mode:
+            raise InputError(f"output {self.given} changed while this run started (another run "
+                             "wrote to it); check it and rerun")
+
     def probe_writable(self) -> None:
         """Writes and removes a small file the way the run writes (`write_bytes`), so that an
         output that cannot be written is refused before any model loads; folders the probe had
         to create are removed again (only when still empty). Raises InputError."""
-        created = self._missing_folders()
+        created = self.missing_folders()
         name = f".probe-{uuid.uuid4().hex}"
         try:
             self.write_bytes(name, b"gemma-batch write probe\n")
@@ -125,16 +141,21 @@ class OutputDir(Dir):
                 self.fs.rm(self._p(name))
             except (OSError, ValueError):
                 pass
-            for folder in created:  # deepest first
-                try:
-                    if not self.fs.ls(folder, detail=False):
-                        self.fs.rmdir(folder)
-                except (OSError, ValueError):
-                    pass
-            self.refresh()
+            self.remove_empty(created)
 
-    def _missing_folders(self) -> list[str]:
-        """The output folder and its ancestors that do not exist yet, deepest first."""
+    def remove_empty(self, folders: list[str]) -> None:
+        """Removes these folders (deepest first) where they are empty."""
+        for folder in folders:
+            try:
+                if not self.fs.ls(folder, detail=False):
+                    self.fs.rmdir(folder)
+            except (OSError, ValueError):
+                pass
+        self.refresh()
+
+    def missing_folders(self) -> list[str]:
+        """The output folder and its ancestors that do not exist yet, deepest first (what a
+        first write creates)."""
         missing: list[str] = []
         path = self.path.rstrip("/")
         while path and path not in ("/", "."):
@@ -217,13 +238,57 @@ class OutputDir(Dir):
         self.write_table(f"{self.STAGING}/{name}", table)
 
     def publish(self, names: list[str], summary: dict[str, Any],
-                side_files: Callable[[], None] | None = None) -> None:
-        """Moves staged shards in place, writes the side files (`side_files`: errors, batch
-        records, report), `_SUMMARY.json`, then `_SUCCESS` last, and drops the parts."""
+                side_files: Callable[[], None] | None = None,
+                rows: dict[str, int] | None = None) -> None:
+        """Moves staged shards in place, verifies them, writes the side files, `_SUMMARY.json`,
+        then `_SUCCESS` last, and drops the parts.
+
+        Args:
+          names: the staged shards (`_staging/<name>`), published as `<name>`.
+          summary: the run summary; its `rows_out` must equal the rows the shards hold.
+          side_files: writes the errors, batch records and report (after the check).
+          rows: optional rows expected per shard name, each checked against its footer.
+
+        Raises JobError, with neither `_SUMMARY.json` nor `_SUCCESS` written, when a listed
+        shard is missing or unreadable, holds other rows than stated, or the top level holds a
+        shard that `names` does not list.
+        """
         for name in names:
-            self.move(f"{self.STAGING}/{name}", name)
+            try:
+                self.move(f"{self.STAGING}/{name}", name)
+            except FileNotFoundError:
+                pass  # already moved by an earlier publish, or gone: the check below says
+        self.verify_shards(names, summary.get("rows_out"), rows)
         if side_files is not None:
             side_files()
         self.write_json(self.SUMMARY, summary)
         self.write_bytes(self.SUCCESS, b"")
         self.remove([self.PARTS, self.STAGING])
+
+    def verify_shards(self, names: list[str], rows_out: int | None,
+                      rows: dict[str, int] | None = None) -> None:
+        """Checks that the top-level shards are exactly `names`, from their Parquet footers,
+        with `rows[name]` rows each and `rows_out` in all; raises JobError (one line)."""
+        import pyarrow.parquet as pq
+
+        def fail(problem: str) -> NoReturn:
+            raise JobError(f"output {self.given}: publish check failed: {problem}; no "
+                           f"{self.SUCCESS} was written; rerun with --resume")
+
+        extra = sorted(set(self.shards()) - set(names))
+        if extra:
+            fail(f"{extra[0]} is not one of the {len(names)} shards this run published")
+        total = 0
+        for name in names:
+            try:
+                with self.fs.open(self._p(name), "rb") as f:
+                    n = pq.read_metadata(f).num_rows
+            except FileNotFoundError:
+                fail(f"shard {name} is missing")
+            except (pa.ArrowException, OSError) as e:
+                fail(f"shard {name} is unreadable ({str(e)[:120]})")
+            if rows is not None and name in rows and rows[name] != n:
+                fail(f"shard {name} holds {n} rows, not {rows[name]}")
+            total += n
+        if rows_out is not None and total != rows_out:
+            fail(f"the shards hold {total} rows but the summary states {rows_out}")

@@ -1,7 +1,8 @@
 """`run --retry-errors`: regenerate only the error rows of a finished output (e.g. after raising
 max_new_tokens or max_prompt_tokens) and republish it, each id still exactly once.
 
-    read the published shards' ids and error ids  (the output stays finished and readable)
+    take the output's lease (pipeline/lease.py), held to the end
+    --> read the published shards' ids and error ids  (the output stays finished and readable)
     --> generate the error rows into `_parts/` (an interrupted retry keeps what it committed)
     --> remove `_SUCCESS`; move the kept rows into `_parts/` (shard by shard: copy, then delete)
     --> the usual publish: compact, side files and report, `_SUMMARY.json`, `_SUCCESS` last.
@@ -23,7 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobError
-from pipeline.output import OutputDir
+from pipeline.lease import Lease
+from pipeline.output import Mode, OutputDir
+from pipeline.plan import Plan
 from pipeline.preflight import preflight
 from pipeline.progress import Progress, choose_mode
 from pipeline.publish import AttemptStats, compact_parts, run_summary, write_side_files
@@ -46,13 +49,22 @@ def retry_errors(spec: JobSpec, *, progress: bool | None = None, debug: bool = F
     """
     t_start = time.perf_counter()
     plan, out, mode = preflight(spec.model_copy(update={"retry_errors": False, "resume": True}))
-    now = json.loads(spec.model_dump_json())
-    before = out.read_json(OutputDir.SUMMARY) if out.exists(OutputDir.SUMMARY) else {}
-    rolling = mode == "resume"  # an interrupted retry that already removed _SUCCESS
-    if mode == "new" or (rolling and not _run_record(out).get("retry_errors")):
+    if mode == "new" or (mode == "resume" and not _run_record(out).get("retry_errors")):
         what = "no run" if mode == "new" else "an unfinished run (finish it with --resume)"
         raise InputError(f"--retry-errors: output {spec.output} holds {what}; it retries the "
                          "error rows of a finished output")
+    with Lease(out, command="gemma-batch run --retry-errors") as lease:
+        out.confirm_mode(mode, overwrite=False, resume=True)
+        return _retry(spec, plan, out, mode, lease, t_start, progress, debug, on_commit)
+
+
+def _retry(spec: JobSpec, plan: Plan, out: OutputDir, mode: Mode, lease: Lease,
+           t_start: float, progress: bool | None, debug: bool,
+           on_commit: Callable[[pa.Table], None] | None) -> dict[str, Any]:
+    """The retry itself, holding the output's lease."""
+    now = json.loads(spec.model_dump_json())
+    before = out.read_json(OutputDir.SUMMARY) if out.exists(OutputDir.SUMMARY) else {}
+    rolling = mode == "resume"  # an interrupted retry that already removed _SUCCESS
     _check_same_job(before.get("spec") or {}, now)
     if mode == "finished" and _run_record(out).get("spec") not in (None, now):
         out.remove([OutputDir.PARTS])  # an interrupted retry with other settings: start afresh
@@ -90,6 +102,7 @@ def retry_errors(spec: JobSpec, *, progress: bool | None = None, debug: bool = F
                            "regenerated; the output is unchanged; rerun --retry-errors")
     stats.wall_s = time.perf_counter() - t_gen
     prior_batches = read_batches(out)
+    lease.check()  # only the lease holder may unpublish and republish
     out.remove([OutputDir.SUCCESS])  # from here readers wait for the republished output
     _move_kept(out, published, retried, attempt)
     compacted = compact_parts(out, plan, spec.rows_per_output_shard)

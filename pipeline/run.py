@@ -1,6 +1,7 @@
 """Runs one batch job end to end on Ray Data.
 
     preflight (spec, shards, model source, output mode)
+    --> the output's lease taken (one writer per output: pipeline/lease.py), held to the end
     --> read tasks: row groups -> rows with ids, text and carried columns, minus committed ids
     --> Predictor actor pool: prompt + generate, one output row per input row
     --> driver: each finished batch committed as a part under `_parts/` (what --resume trusts)
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from pipeline.lease import Lease
 from pipeline.output import OutputDir
 from pipeline.plan import Plan
 from pipeline.preflight import preflight
@@ -33,7 +35,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
 
     `on_plan` sees the preflight plan; `on_commit` sees each batch right after it is committed.
 
-    Raises InputError (nothing written) for refused inputs and JobError when the job fails.
+    Raises InputError (nothing written) for refused inputs or an output another run holds, and
+    JobError when the job fails.
     """
     if spec.retry_errors:
         from pipeline.retry import retry_errors
@@ -47,22 +50,25 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         summary = out.read_json(OutputDir.SUMMARY) if out.exists(OutputDir.SUMMARY) else {}
         summary["note"] = "output already finished; nothing to resume"
         return summary
-    if mode == "overwrite":
-        out.clear_ours()
-    attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    todo = plan.total_rows - len(plan.done_ids)
-    prog = Progress(todo, mode=choose_mode(progress))
-    t_gen = time.perf_counter()
-    stats = AttemptStats(mode=mode)
-    if todo > 0 and plan.units:
-        generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
-    stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
-    stats.wall_s = time.perf_counter() - t_gen
-    compacted = compact_parts(out, plan, spec.rows_per_output_shard)
-    summary = run_summary(spec, plan, compacted, stats)
-    summary["wall_s"] = round(time.perf_counter() - t_start, 3)
-    out.publish(compacted.names, summary, lambda: write_side_files(
-        out, compacted, summary, plan.output_schema()))
-    if plan.increment is not None:  # only now: a run killed before publishing marks nothing done
-        plan.increment.record(out, compacted.names, attempt)
+    with Lease(out, command=f"gemma-batch run ({mode})") as lease:
+        out.confirm_mode(mode, overwrite=spec.overwrite, resume=spec.resume)
+        if mode == "overwrite":
+            out.clear_ours()
+        attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        todo = plan.total_rows - len(plan.done_ids)
+        prog = Progress(todo, mode=choose_mode(progress))
+        t_gen = time.perf_counter()
+        stats = AttemptStats(mode=mode)
+        if todo > 0 and plan.units:
+            generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+        stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
+        stats.wall_s = time.perf_counter() - t_gen
+        lease.check()  # compaction clears earlier shards: only the lease holder may do it
+        compacted = compact_parts(out, plan, spec.rows_per_output_shard)
+        summary = run_summary(spec, plan, compacted, stats)
+        summary["wall_s"] = round(time.perf_counter() - t_start, 3)
+        out.publish(compacted.names, summary, lambda: write_side_files(
+            out, compacted, summary, plan.output_schema()))
+        if plan.increment is not None:  # only now: a run killed before publishing marks none
+            plan.increment.record(out, compacted.names, attempt)
     return summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
             "id", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster,
            "_GEMMA_BATCH_TEST_KILL_DRIVER_AFTER_PARTS": "3",
+           "GEMMA_BATCH_LEASE_TIMEOUT_S": "2",  # its lease may be taken over 2 s after the kill
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed mid-run
@@ -93,6 +95,7 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
               for r in pq.read_table(p).to_pylist()}
 
     # Without --resume the unfinished output is refused (and left as it was) ...
+    time.sleep(2.5)  # once the killed run's lease is stale (tests/pipeline/test_lease.py)
     spec = tiny_spec(str(tmp_path / "in"), str(out), id_column="id", batch_size=2)
     with pytest.raises(InputError, match=r"holds an unfinished run; pass --resume to continue "
                                          r"it or --overwrite to start over"):
