@@ -3,6 +3,10 @@
     python bench/pipeline.py [--model gemma3-270m] [--rows 24] [--batch-size 8] \
         [--max-new-tokens 32] [--runs 3]
     python bench/pipeline.py --demo [--runs 3]
+    python bench/pipeline.py --mixed [--rows 64] [--batch-size 16] [--runs 2]
+
+--mixed: lengths and budgets spread as in real corpora, (a) bare engine vs (b) streaming
+pipeline vs (c) closed batches; see bench/mixed.py.
 
 --demo times the README's `gemma-batch demo` end to end as a user runs it (a fresh process, its
 own local Ray), once with an empty compile cache (cold) and --runs times with that cache filled
@@ -161,6 +165,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", action="store_true",
                     help="time the README's gemma-batch demo end to end, cold and warm")
+    ap.add_argument("--mixed", action="store_true",
+                    help="spread lengths: bare engine vs streaming pipeline vs closed batches")
+    ap.add_argument("--batches-in-flight", type=int, default=3)
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -170,6 +177,11 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if a.demo:
         return demo_main(a.runs)
+    if a.mixed:
+        from mixed import mixed_main
+
+        return mixed_main(a.model, a.rows if a.rows != 24 else 64,
+                          a.batch_size if a.batch_size != 8 else 16, a.runs, a.batches_in_flight)
     from pipeline.ray_env import ensure_ray, shutdown_ray
 
     mach = machine()

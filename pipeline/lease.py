@@ -170,7 +170,7 @@ class Lease:
                 self.me.heartbeat = time.time()
                 self.d.write_bytes(LEASE, self.me.to_json())
             except Exception as e:  # noqa: BLE001 - retried at the next beat
-                log.warning("output %s: lease heartbeat failed: %s", self.d.given, e)
+                log.debug("output %s: lease heartbeat failed: %s", self.d.given, e)
 
     def check(self) -> None:
         """Raises JobError when this run no longer holds the lease (call before publishing)."""
@@ -195,4 +195,4 @@ class Lease:
                 self.d.remove([LEASE])
                 self.d.remove_empty(self._made)  # a run that wrote nothing leaves nothing
         except Exception as e:  # noqa: BLE001 - a leftover lease goes stale on its own
-            log.warning("output %s: could not remove its lease: %s", self.d.given, e)
+            log.debug("output %s: could not remove its lease: %s", self.d.given, e)

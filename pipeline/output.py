@@ -201,6 +201,12 @@ class OutputDir(Dir):
             table = table.replace_schema_metadata(meta)
         self.write_table(f"{self.PARTS}/{attempt}-{seq:06d}.parquet", table)
 
+    def commit_part(self, name: str, table: pa.Table, batches: list[dict[str, Any]]) -> None:
+        """Commits a worker's finished batch as `_parts/<name>` (atomic; a retried batch of the
+        same rows has the same name and replaces it); `batches` ride in its metadata."""
+        meta = {**(table.schema.metadata or {}), _BATCHES_KEY: json.dumps(batches).encode()}
+        self.write_table(f"{self.PARTS}/{name}", table.replace_schema_metadata(meta))
+
     @staticmethod
     def part_batches(part: pa.Table) -> list[dict[str, Any]]:
         """The batch records a committed part carries (empty when none)."""

@@ -40,6 +40,7 @@ class Plan:
     resumed: bool = False
     increment: Any = None  # pipeline.ledger.Increment of an incremental run
     id_column: str | None = None  # the input's id column (None: ids derived from shard and row)
+    param_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # setting -> column
 
     def output_schema(self) -> pa.Schema:
         fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]

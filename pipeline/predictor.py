@@ -1,23 +1,34 @@
-"""The generator actor: loads the model once, builds prompts and generates per batch.
+"""The generator actors: each loads the model once and turns batches of rows into output rows,
+written by the actor itself as a part under `_parts/` (pipeline/parts.py); the driver gets one
+small record per batch, never the rows.
 
-One row in, one row out. A row that cannot be used (null, empty, too long) or that fails in
-generation becomes an error row and the batch goes on; errors that mean the engine itself is
-gone (out of memory, lost device) are raised so Ray retries the batch on a fresh actor.
+`StreamingPredictor` (batching: stream) takes several batches at once (Ray Data's concurrent
+calls into an async `__call__`), all feeding one long-lived `StreamEngine`, so a batch returns
+as soon as its own rows are done and freed slots take the next waiting rows of any batch.
+`ClosedPredictor` (batching: closed) generates one batch at a time, until its longest row ends.
+
+One row in, one row out. A row that cannot be used (null, empty, too long, a bad per-row
+setting) or that fails in generation becomes an error row and the batch goes on; errors that
+mean the engine itself is gone (out of memory, lost device) are raised so Ray retries the batch
+on a fresh actor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
-import uuid
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import row_params
 from pipeline.phases import PhaseReporter, phase_text
 from pipeline.prompts import Prompt, PromptBuilder, PromptSettings, default_stop
 from pipeline.spec import JobSpec
@@ -25,13 +36,6 @@ from pipeline.spec import JobSpec
 log = logging.getLogger(__name__)
 
 TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
-LATENCY = "__batch_latency_s"  # per-row copy of the batch's generate time, stripped by the driver
-BATCH = "__batch_id"  # per-row copy of a random batch id, stripped by the driver
-PLACEMENT = "__placement"  # per-row copy of the actor's mesh and parameter bytes (JSON), stripped
-ACTOR = "__actor"  # per-row copy of the actor's identity ("host:pid"), stripped by the driver
-BATCH_END = "__batch_end"  # per-row copy of the batch's end time (Unix s), stripped
-PREFILL = "__prefill"  # per-row copy of the batch's prefill work and compile time (JSON)
-HIDDEN = (LATENCY, BATCH, PLACEMENT, ACTOR, BATCH_END, PREFILL)  # stripped before commit
 # Prefill counts of a batch (model.engine.PrefillStats fields) and their names in its record.
 PREFILL_FIELDS = {"real_tokens": "prefill_real_tokens", "padded_tokens": "prefill_padded_tokens",
                   "prefix_tokens": "prefix_reused_tokens"}
@@ -60,10 +64,13 @@ class GenSettings:
     mesh: tuple[int, int] | None  # (data, model); None = chosen from devices and model size
     schema: pa.Schema  # the output schema (id, contract columns, carried columns)
     phase_board: str | None = None  # named Ray actor the actor reports its phase to
+    output: str | None = None  # where the actor writes its parts (None: returns the rows)
+    slots: int = 32  # rows decoding at once per actor
+    params: tuple[str, ...] = ()  # per-row settings the batches carry (row_params.PARAMS)
 
     @classmethod
-    def of(cls, spec: JobSpec, schema: pa.Schema,
-           phase_board: str | None = None) -> "GenSettings":
+    def of(cls, spec: JobSpec, schema: pa.Schema, phase_board: str | None = None,
+           output: str | None = None, params: tuple[str, ...] = ()) -> "GenSettings":
         s = spec.sampling
         return cls(
             model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
@@ -71,7 +78,8 @@ class GenSettings:
             max_prompt_tokens=spec.max_prompt_tokens, long_document=spec.long_document,
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
-            mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board)
+            mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board,
+            output=output, slots=spec.batch_size, params=params)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -81,29 +89,6 @@ def is_fatal(exc: BaseException) -> bool:
     msg = str(exc)
     return type(exc).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and any(
         m in msg for m in _FATAL_MARKERS)
-
-
-def batch_records(table: pa.Table) -> list[dict[str, Any]]:
-    """One record per generate batch in an actor's output (from the hidden columns): batch id,
-    actor, end time (Unix s), generate latency (s), rows, prompt/output tokens, errors and the
-    prefill work (token slots computed, real tokens, prefix tokens reused)."""
-    cols = table.select([BATCH, ACTOR, BATCH_END, LATENCY, PREFILL, "prompt_tokens",
-                         "output_tokens", "finish_reason"]).to_pydict()
-    recs: dict[str, dict[str, Any]] = {}
-    for i, b in enumerate(cols[BATCH]):
-        if b not in recs:
-            work = json.loads(cols[PREFILL][i] or "{}")
-            recs[b] = {"batch": b, "actor": cols[ACTOR][i], "end": cols[BATCH_END][i],
-                       "latency_s": round(cols[LATENCY][i], 4), "rows": 0,
-                       "prompt_tokens": 0, "output_tokens": 0, "errors": 0,
-                       **{name: int(work.get(k, 0)) for k, name in PREFILL_FIELDS.items()},
-                       "compile_s": round(float(work.get("compile_s", 0.0)), 3)}
-        r = recs[b]
-        r["rows"] += 1
-        r["prompt_tokens"] += cols["prompt_tokens"][i] or 0
-        r["output_tokens"] += cols["output_tokens"][i] or 0
-        r["errors"] += cols["finish_reason"][i] == "error"
-    return list(recs.values())
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
@@ -134,8 +119,27 @@ def prompt_setup(model: Any, settings: GenSettings) -> tuple[PromptBuilder, list
     return builder, stop
 
 
+def row_id_of(value: Any) -> int:
+    """The key of a row's random draws, from its id: the same row samples the same tokens in
+    any batch, on any actor, in any run."""
+    h = hashlib.blake2b(str(value).encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Work:
+    """One batch in an actor: its rows' prompts, settings, results and errors."""
+
+    batch: pa.Table
+    prompts: list[Prompt]
+    requests: list[Any]  # model.engine.Request per row (None: the row is already an error)
+    errors: list[tuple[str, str] | None]
+    results: list[Any]
+    t0: float
+
+
 class Predictor:
-    """Ray Data callable class: `__init__` loads the model, `__call__` maps a pyarrow batch."""
+    """The generator of one actor: model, prompt builder, per-row settings, output rows."""
 
     def __init__(self, settings: GenSettings):
         from model import load_model
@@ -155,61 +159,141 @@ class Predictor:
         info = self.model.info
         self.placement = json.dumps({"mesh": info.get("mesh"),
                                      "param_bytes_per_device": info.get("param_bytes_per_device")})
+        self._work_lock = threading.Lock()
+        self._work_seen = self._engine_work()
 
-    def _generate(self, prompts: list[list[int]]) -> list[Any]:
-        s = self.s
-        # All rows of a batch decode together (up to the engine's largest slot bucket): more rows
-        # per decode step give more tokens/s (bench/generate.py measures it per batch size).
-        return self.model.generate(
-            prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, stop=self.stop,
-            max_batch=max(1, min(len(prompts), self.model.engine.buckets.max_batch)))
+    # -- rows in ---------------------------------------------------------------------------------
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        cols = batch.column_names
+    def _start(self, batch: pa.Table) -> Work:
+        """Prompts and per-row settings of a batch; rows that cannot run become errors."""
+        from model.engine import Request
+
+        n, cols = batch.num_rows, batch.column_names
         texts = batch.column(TEXT).to_pylist()
         questions = batch.column(QUESTION).to_pylist() if QUESTION in cols else None
         contexts = batch.column(CONTEXT).to_pylist() if CONTEXT in cols else None
-        prompts: list[Prompt] = []
+        raw = {p: batch.column(row_params.PREFIX + p).to_pylist() for p in self.s.params
+               if row_params.PREFIX + p in cols}
+        ids = batch.column("id").to_pylist()
+        s = self.s
+        defaults = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                    "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
+                    "stop": tuple(self.stop or ())}
+        work = Work(batch, [], [], [None] * n, [None] * n, time.perf_counter())
         for i in range(n):
             try:
-                q = questions[i] if questions else None
-                c = contexts[i] if contexts else None
-                prompts.append(self.builder.build(texts[i], q, c))
+                prompt = self.builder.build(texts[i], questions[i] if questions else None,
+                                            contexts[i] if contexts else None)
             except Exception as e:  # noqa: BLE001 - a row's failure is data
-                prompts.append(Prompt(None, "prompt", f"could not build the prompt: {_short(e)}"))
-        results: list[Any] = [None] * n
-        errors: list[tuple[str, str] | None] = [
-            (p.error_kind or "prompt", p.error or "") if p.ids is None else None for p in prompts]
-        todo = [i for i in range(n) if prompts[i].ids is not None]
-        t0 = time.perf_counter()
-        work0 = {**self.model.engine.stats.as_dict(),
-                 "compile_s": self.model.engine.compile_log.seconds}
-        stop_watch = self._watch_first_compiles([len(prompts[i].ids) for i in todo])
-        if todo:
-            try:
-                gens = self._generate([prompts[i].ids for i in todo])
-                for i, g in zip(todo, gens):
-                    results[i] = g
-            except Exception as e:  # noqa: BLE001
+                prompt = Prompt(None, "prompt", f"could not build the prompt: {_short(e)}")
+            work.prompts.append(prompt)
+            req = None
+            if prompt.ids is None:
+                work.errors[i] = (prompt.error_kind or "prompt", prompt.error or "")
+            else:
+                try:
+                    rs = row_params.parse({p: v[i] for p, v in raw.items()}, defaults)
+                    req = Request(prompt.ids, rs["max_new_tokens"], rs["temperature"],
+                                  rs["top_k"], rs["top_p"], rs["seed"], row_id_of(ids[i]),
+                                  rs["stop"])
+                except (ValueError, TypeError) as e:
+                    work.errors[i] = ("params", f"bad per-row sampling setting: {e}")
+            work.requests.append(req)
+        return work
+
+    # -- rows out --------------------------------------------------------------------------------
+
+    def _engine_work(self) -> dict[str, float]:
+        engine = self.model.engine
+        return {**engine.stats.as_dict(), "compile_s": engine.compile_log.seconds}
+
+    def _work_since_last(self) -> dict[str, Any]:
+        """Engine work since this actor's previous record (each unit counted once, however
+        batches overlap)."""
+        with self._work_lock:
+            now = self._engine_work()
+            delta = {k: now[k] - self._work_seen[k] for k in (*PREFILL_FIELDS, "compile_s")}
+            self._work_seen = now
+        return {**{name: int(delta[k]) for k, name in PREFILL_FIELDS.items()},
+                "compile_s": round(float(delta["compile_s"]), 3)}
+
+    def _finish(self, work: Work) -> tuple[pa.Table, dict[str, Any]]:
+        """The batch's output rows and its batch record."""
+        from pipeline import parts
+
+        n = work.batch.num_rows
+        out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
+                                                "prompt_tokens", "output_tokens", "truncated")}
+        for i in range(n):
+            g, err, p = work.results[i], work.errors[i], work.prompts[i]
+            if err is not None or g is None:
+                kind, msg = err or ("generation", "no result from the generator")
+                row = (None, "error", msg, kind, len(p.ids) if p.ids else 0, 0)
+            else:
+                # Cut at max_new_tokens inside a multi-byte character: drop the partial one.
+                text = g.text.rstrip("\ufffd") if g.finish_reason == "length" else g.text
+                row = (text, g.finish_reason, None, None, int(g.prompt_tokens),
+                       int(g.output_tokens))
+            for k, v in zip(("output", "finish_reason", "error", "error_kind", "prompt_tokens",
+                             "output_tokens"), row):
+                out[k].append(v)
+            out["truncated"].append(bool(p.truncated))
+        table = parts.output_table(self.s.schema, work.batch, out, self.s.task, self.model_name)
+        latency = time.perf_counter() - work.t0
+        name = parts.part_name(work.batch.column("id").to_pylist())
+        record = parts.batch_record(table, name, self.actor, time.time(), latency,
+                                    self._work_since_last())
+        return table, record
+
+    def _commit(self, work: Work) -> pa.Table:
+        from pipeline import parts
+
+        table, record = self._finish(work)
+        return parts.commit(self.s.output, table, record, self.placement)
+
+    # -- closed batches --------------------------------------------------------------------------
+
+    def rows(self, batch: pa.Table) -> pa.Table:
+        """A batch's output rows, generated as one closed batch (tests and tools)."""
+        work = self._start(batch)
+        self._generate_closed(work)
+        return self._finish(work)[0]
+
+    def _generate_closed(self, work: Work) -> None:
+        todo = [i for i, r in enumerate(work.requests) if r is not None]
+        stop_watch = self._watch_first_compiles([len(work.requests[i].prompt) for i in todo])
+        try:
+            self._run_closed(work, todo)
+        finally:
+            stop_watch()
+
+    def _run_closed(self, work: Work, todo: list[int]) -> None:
+        if not todo:
+            return
+        reqs = [work.requests[i] for i in todo]
+        col = {f: [getattr(r, f) for r in reqs] for f in ("max_new_tokens", "temperature",
+                                                          "top_k", "top_p", "seed", "row_id")}
+        stops = {r.stop for r in reqs}
+        try:
+            if len(stops) > 1:  # rows with their own stop strings: one call per set
+                for stop in stops:
+                    self._run_closed(work, [i for i in todo if work.requests[i].stop == stop])
+                return
+            gens = self.model.generate(
+                [r.prompt for r in reqs], stop=list(stops.pop()), row_ids=col.pop("row_id"),
+                max_batch=max(1, min(len(reqs), self.s.slots,
+                                     self.model.engine.buckets.max_batch)), **col)
+            for i, g in zip(todo, gens):
+                work.results[i] = g
+        except Exception as e:  # noqa: BLE001
+            if is_fatal(e) or len(todo) == 1:
                 if is_fatal(e):
                     raise
-                log.warning("batch generate failed (%s); retrying row by row", _short(e, 120))
-                for i in todo:
-                    try:
-                        results[i] = self._generate([prompts[i].ids])[0]
-                    except Exception as e1:  # noqa: BLE001
-                        if is_fatal(e1):
-                            raise
-                        errors[i] = ("generation", f"generation failed: {_short(e1)}")
-            finally:
-                stop_watch()
-        latency = time.perf_counter() - t0
-        work1 = {**self.model.engine.stats.as_dict(),
-                 "compile_s": self.model.engine.compile_log.seconds}
-        work = json.dumps({k: work1[k] - work0[k] for k in (*PREFILL_FIELDS, "compile_s")})
-        return self._table(batch, prompts, results, errors, latency, work)
+                work.errors[todo[0]] = ("generation", f"generation failed: {_short(e)}")
+                return
+            log.warning("batch generate failed (%s); retrying row by row", _short(e, 120))
+            for i in todo:
+                self._run_closed(work, [i])
 
     def _watch_first_compiles(self, lengths: list[int]) -> Any:
         """On this actor's first batch: reports about how many programs it compiles, then each
@@ -221,59 +305,63 @@ class Predictor:
 
         engine = self.model.engine
         planned = expected_programs(plan_programs(
-            lengths, self.s.max_new_tokens, max(1, min(len(lengths), engine.buckets.max_batch)),
+            lengths, self.s.max_new_tokens, max(1, min(len(lengths), self.s.slots,
+                                                       engine.buckets.max_batch)),
             engine.buckets, stop_strings=bool(self.stop)))
         self.report(phase_text("compile", n=planned))
         return self.report.watch_compiles(lambda: engine.compile_log.count, planned)
 
-    def _table(self, batch: pa.Table, prompts: list[Prompt], results: list[Any],
-               errors: list[tuple[str, str] | None], latency: float,
-               prefill: str = "{}") -> pa.Table:
-        n = batch.num_rows
-        out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
-                                                "prompt_tokens", "output_tokens", "truncated")}
-        for i in range(n):
-            g, err = results[i], errors[i]
-            if err is not None or g is None:
-                kind, msg = err or ("generation", "no result from the generator")
-                out["output"].append(None)
-                out["finish_reason"].append("error")
-                out["error"].append(msg)
-                out["error_kind"].append(kind)
-                out["prompt_tokens"].append(len(prompts[i].ids) if prompts[i].ids else 0)
-                out["output_tokens"].append(0)
+
+class ClosedPredictor(Predictor):
+    """Ray Data callable class, batching: closed: one batch at a time, generated in full."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        work = self._start(batch)
+        self._generate_closed(work)
+        return self._commit(work)
+
+
+class StreamingPredictor(Predictor):
+    """Ray Data callable class, batching: stream: concurrent batches into one `StreamEngine`
+    (started on the first batch); each returns when its own rows are done."""
+
+    _engine: Any = None
+    _stop_watch: Any = None
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        work = self._start(batch)
+        todo = [i for i, r in enumerate(work.requests) if r is not None]
+        if self._engine is None:
+            from model.engine import StreamEngine
+
+            self._stop_watch = self._watch_first_compiles(
+                [len(work.requests[i].prompt) for i in todo])
+            tok = self.model.tokenizer
+            self._engine = StreamEngine(
+                self.model.engine, tok, max_batch=max(1, min(self.s.slots,
+                                                             self.model.engine.buckets.max_batch)),
+                stop_token_ids=tuple(tok.stop_ids), stop_strings=tuple(self.stop or ()))
+        await self._run(work, todo, retry=True)
+        if self._stop_watch is not None:
+            self._stop_watch, stop = None, self._stop_watch
+            stop()
+        return await asyncio.to_thread(self._commit, work)
+
+    async def _run(self, work: Work, todo: list[int], retry: bool) -> None:
+        futures = self._engine.submit([work.requests[i] for i in todo])
+        done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
+                                    return_exceptions=True)
+        failed = []
+        for i, res in zip(todo, done):
+            if not isinstance(res, BaseException):
+                work.results[i] = res
+            elif is_fatal(res):
+                raise res
+            elif isinstance(res, ValueError) or not retry:
+                work.errors[i] = ("generation", f"generation failed: {_short(res)}")
             else:
-                text = g.text
-                if g.finish_reason == "length":
-                    # Cut at max_new_tokens inside a multi-byte character: drop the partial one.
-                    text = text.rstrip("\ufffd")
-                out["output"].append(text)
-                out["finish_reason"].append(g.finish_reason)
-                out["error"].append(None)
-                out["error_kind"].append(None)
-                out["prompt_tokens"].append(int(g.prompt_tokens))
-                out["output_tokens"].append(int(g.output_tokens))
-            out["truncated"].append(bool(prompts[i].truncated))
-        schema = self.s.schema
-        arrays = []
-        for field in schema:
-            name = field.name
-            if name == "id":
-                arrays.append(batch.column("id").cast(field.type))
-            elif name == "task":
-                arrays.append(pa.array([self.s.task] * n, pa.string()))
-            elif name == "model":
-                arrays.append(pa.array([self.model_name] * n, pa.string()))
-            elif name in out:
-                arrays.append(pa.array(out[name], field.type))
-            elif name in batch.column_names:
-                arrays.append(batch.column(name).cast(field.type))
-            else:
-                arrays.append(pa.nulls(n, field.type))
-        table = pa.Table.from_arrays(arrays, schema=schema)
-        table = table.append_column(LATENCY, pa.array([latency] * n, pa.float64()))
-        table = table.append_column(PLACEMENT, pa.array([self.placement] * n, pa.string()))
-        table = table.append_column(ACTOR, pa.array([self.actor] * n, pa.string()))
-        table = table.append_column(BATCH_END, pa.array([time.time()] * n, pa.float64()))
-        table = table.append_column(PREFILL, pa.array([prefill] * n, pa.string()))
-        return table.append_column(BATCH, pa.array([uuid.uuid4().hex] * n, pa.string()))
+                failed.append(i)
+        if failed:  # a device call failed with other rows in it: each row once more, alone
+            log.warning("generation failed for %d rows; retrying them one by one", len(failed))
+            for i in failed:
+                await self._run(work, [i], retry=False)

@@ -185,8 +185,13 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     id_type = pa.int64() if id_types == {"int"} else pa.string()
     carry, carry_schema = _carry(spec, schemas, idc)
     read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
+    from pipeline.row_params import param_columns
+
+    params = param_columns(spec.sampling_columns,
+                           sorted({n for sch in schemas for n in sch.names}))
+    read_cols += [c for c in params.values() if c not in read_cols]
     plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema,
-                id_column=idc)
+                id_column=idc, param_columns=params)
     if spec.incremental is not None:  # only rows no earlier run produced (pipeline/ledger.py)
         from pipeline.ledger import plan_increment
 

@@ -47,55 +47,111 @@ class AttemptStats:
     placements: set[str] = dataclasses.field(default_factory=set)  # actors' mesh info (JSON)
 
 
-def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int) -> Compacted:
+def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int,
+                  batch_size: int = 32) -> Compacted:
     """Stages the committed parts as shards of about `rows_per_shard` rows, each id once.
 
+    Each shard is written by a Ray task (in this process without Ray, or for a memory://
+    output) from consecutive parts of about `batch_size` rows; the driver gets only counts,
+    error rows, batch records and the ids (checked to be unique across shards).
     Raises JobError (nothing published) when the parts do not hold every input row.
     """
     out.clear_staging()
     schema = plan.output_schema()
-    seen: set = set()
-    done = Compacted()
-    pending: list[pa.Table] = []
-    pending_rows = 0
-
-    def flush(force: bool = False) -> None:
-        nonlocal pending, pending_rows
-        if not pending and not (force and not done.names):
-            return
-        name = f"part-{len(done.names):05d}.parquet"
-        out.stage(name, pa.concat_tables(pending) if pending else schema.empty_table())
-        done.names.append(name)
-        pending, pending_rows = [], 0
-
-    for t in out.committed_parts():
-        done.batches.extend(out.part_batches(t))
-        ids = t.column("id").to_pylist()
-        keep = [i for i, v in enumerate(ids) if v not in seen]
-        if len(keep) != len(ids):
-            t = t.take(pa.array(keep, pa.int64()))
-        seen.update(ids)
-        if t.num_rows == 0:
-            continue
-        t = t.select(schema.names).cast(schema)
-        _add_counts(done.errors, t.column("error_kind"))
-        _add_counts(done.finish, t.column("finish_reason"))
-        errs = t.filter(pc.equal(t.column("finish_reason"), "error"))
-        if errs.num_rows:
-            done.error_rows.append(errs.select(list(ERROR_COLUMNS)))
-        done.prompt_tokens += pc.sum(t.column("prompt_tokens")).as_py() or 0
-        done.output_tokens += pc.sum(t.column("output_tokens")).as_py() or 0
-        pending.append(t)
-        pending_rows += t.num_rows
-        if pending_rows >= rows_per_shard:
-            flush()
-    flush(force=True)
-    done.rows = len(seen)
+    names = sorted(n for n in out.ls(out.PARTS) if n.endswith(".parquet"))
+    per = max(1, rows_per_shard // max(1, batch_size))
+    groups = [names[i:i + per] for i in range(0, len(names), per)] or [[]]
+    shard_names = [f"part-{k:05d}.parquet" for k in range(len(groups))]
+    results = _run_groups(out, [(g, n, None) for g, n in zip(groups, shard_names)], schema)
+    # Ids are unique in the input and a retried batch rewrites its own part, so shards never
+    # share an id; should they, a later shard drops the ids an earlier one holds.
+    seen = pa.chunked_array([], plan.id_type)
+    redo = []
+    for k, r in enumerate(results):
+        ids = r["ids"]
+        if len(seen) and len(ids):
+            dup = ids.filter(pc.is_in(ids, value_set=seen.combine_chunks()))
+            if len(dup):
+                redo.append((k, dup))
+        seen = pa.chunked_array([*seen.chunks, *(ids.chunks if isinstance(ids, pa.ChunkedArray)
+                                                 else [ids])], plan.id_type)
+    if redo:
+        log.warning("%d shards hold ids of earlier shards; dropping the copies", len(redo))
+        again = _run_groups(out, [(groups[k], shard_names[k], dup) for k, dup in redo], schema)
+        for (k, _), r in zip(redo, again):
+            results[k] = r
+    done = Compacted(names=shard_names)
+    for r in results:
+        done.batches.extend(r["batches"])
+        for key, n in r["errors"].items():
+            done.errors[key] = done.errors.get(key, 0) + n
+        for key, n in r["finish"].items():
+            done.finish[key] = done.finish.get(key, 0) + n
+        done.prompt_tokens += r["prompt_tokens"]
+        done.output_tokens += r["output_tokens"]
+        done.rows += r["rows"]
+        if r["error_rows"].num_rows:
+            done.error_rows.append(r["error_rows"])
     if done.rows != plan.total_rows:
         raise JobError(
             f"output has {done.rows} rows for {plan.total_rows} input rows; nothing was "
             "published; rerun with --resume to finish the missing rows")
     return done
+
+
+def _run_groups(out: OutputDir, jobs: list[tuple[list[str], str, Any]],
+                schema: pa.Schema) -> list[dict[str, Any]]:
+    """`compact_group` per (parts, shard name, ids to drop): as Ray tasks when Ray runs and the
+    output is reachable from its workers, else here."""
+    import ray
+
+    if not ray.is_initialized() or out.url.startswith("memory://"):
+        return [compact_group(out.url, g, name, schema, drop) for g, name, drop in jobs]
+    from pipeline.ray_env import READ_TASK_CPUS
+
+    task = ray.remote(num_cpus=READ_TASK_CPUS, max_retries=3)(compact_group)
+    where = out.fs.unstrip_protocol(out.path)
+    return ray.get([task.remote(where, g, name, schema, drop) for g, name, drop in jobs])
+
+
+def compact_group(url: str, parts: list[str], name: str, schema: pa.Schema,
+                  drop: Any = None) -> dict[str, Any]:
+    """Reads the parts (skipping unreadable leftovers), keeps each id once (and none in
+    `drop`), stages them as shard `name` under `_staging/` (atomic) and returns what it holds:
+    rows, counts by error kind and finish reason, tokens, error rows, batch records, ids."""
+    out = OutputDir(url)
+    tables, batches = [], []
+    for part in parts:
+        try:
+            t = out.read_table(f"{out.PARTS}/{part}")
+        except (pa.ArrowException, OSError, KeyError):
+            continue
+        batches.extend(out.part_batches(t))
+        tables.append(t.select(schema.names).cast(schema).replace_schema_metadata(None))
+    t = pa.concat_tables(tables) if tables else schema.empty_table()
+    ids = t.column("id").combine_chunks() if t.num_rows else pa.array([], schema.field("id").type)
+    seen: set = set()
+    mask = []  # each id's first row
+    for v in ids.to_pylist():
+        mask.append(v not in seen)
+        seen.add(v)
+    if drop is not None and len(drop):
+        mask = [m and not d for m, d in zip(mask, pc.is_in(ids, value_set=drop).to_pylist())]
+    t = t.filter(pa.array(mask, pa.bool_())) if len(mask) else t
+    out.stage(name, t)
+    errs = t.filter(pc.equal(t.column("finish_reason"), "error"))
+    return {"rows": t.num_rows, "errors": _counts(t.column("error_kind")),
+            "finish": _counts(t.column("finish_reason")),
+            "prompt_tokens": pc.sum(t.column("prompt_tokens")).as_py() or 0,
+            "output_tokens": pc.sum(t.column("output_tokens")).as_py() or 0,
+            "error_rows": errs.select(list(ERROR_COLUMNS)), "batches": batches,
+            "ids": t.column("id").combine_chunks()}
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    _add_counts(counts, column)
+    return counts
 
 
 def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dict[str, Any]:

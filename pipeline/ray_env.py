@@ -46,16 +46,20 @@ def shutdown_ray() -> None:
         _started_ray = False
 
 
-def actor_options(spec: JobSpec, cluster_cpus: float) -> dict[str, Any]:
-    """Ray resources, pool size and fault tolerance of the generator actors."""
+def actor_options(spec: JobSpec, cluster_cpus: float, in_flight: int = 1) -> dict[str, Any]:
+    """Ray resources, pool size, batches in flight per actor and fault tolerance of the
+    generator actors."""
     r = spec.resources
     import ray.data
 
     opts: dict[str, Any] = {}
+    calls = dict(max_tasks_in_flight_per_actor=in_flight,
+                 max_concurrent_calls_per_actor=in_flight) if in_flight > 1 else {}
     if r.num_actors is not None:
-        opts["compute"] = ray.data.ActorPoolStrategy(size=r.num_actors)
+        opts["compute"] = ray.data.ActorPoolStrategy(size=r.num_actors, **calls)
     else:
-        opts["compute"] = ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors)
+        opts["compute"] = ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+                                                     **calls)
     if r.accelerator == "cpu":
         # Leave a whole CPU for Ray Data's task stages (reads), or they starve and the job hangs;
         # the request is a scheduling token: JAX uses the cores it finds either way.

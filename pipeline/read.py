@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import row_params
 from pipeline.predictor import CONTEXT, QUESTION, TEXT
 from pipeline.plan import Plan, ReadUnit
 from pipeline.spec import JobSpec
@@ -31,6 +32,7 @@ class ReadSettings:
     carry_schema: pa.Schema
     read_columns: tuple[str, ...]
     done_ids: pa.Array | None
+    param_columns: tuple[tuple[str, str], ...] = ()  # (setting, input column)
 
     @classmethod
     def of(cls, spec: JobSpec, plan: Plan) -> "ReadSettings":
@@ -38,7 +40,7 @@ class ReadSettings:
                 if plan.done_ids else None)
         return cls(spec.id_column, plan.id_type, spec.text_column, spec.question_column,
                    spec.context_column, plan.carry, plan.carry_schema, tuple(plan.read_columns),
-                   done)
+                   done, tuple(plan.param_columns.items()))
 
 
 def read_unit(unit: ReadUnit, rs: ReadSettings) -> pa.Table:
@@ -68,6 +70,9 @@ def read_unit(unit: ReadUnit, rs: ReadSettings) -> pa.Table:
             cols[field.name] = t.column(src).cast(field.type)
         else:
             cols[field.name] = pa.nulls(n, field.type)
+    for name, src in rs.param_columns:  # per-row settings, checked by the actor
+        cols[row_params.PREFIX + name] = (row_params.encode(t.column(src).to_pylist())
+                                          if src in t.column_names else pa.nulls(n, pa.string()))
     out = pa.table(cols)
     if rs.done_ids is not None and len(rs.done_ids):
         out = out.filter(pc.invert(pc.is_in(out.column("id"), value_set=rs.done_ids)))

@@ -105,7 +105,7 @@ def _retry(spec: JobSpec, plan: Plan, out: OutputDir, mode: Mode, lease: Lease,
     lease.check()  # only the lease holder may unpublish and republish
     out.remove([OutputDir.SUCCESS])  # from here readers wait for the republished output
     _move_kept(out, published, retried, attempt)
-    compacted = compact_parts(out, plan, spec.rows_per_output_shard)
+    compacted = compact_parts(out, plan, spec.rows_per_output_shard, spec.batch_size)
     summary = run_summary(spec, plan, compacted, stats)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     summary["retries"] = [*(before.get("retries") or []), {

@@ -64,7 +64,7 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
         stats.wall_s = time.perf_counter() - t_gen
         lease.check()  # compaction clears earlier shards: only the lease holder may do it
-        compacted = compact_parts(out, plan, spec.rows_per_output_shard)
+        compacted = compact_parts(out, plan, spec.rows_per_output_shard, spec.batch_size)
         summary = run_summary(spec, plan, compacted, stats)
         summary["wall_s"] = round(time.perf_counter() - t_start, 3)
         out.publish(compacted.names, summary, lambda: write_side_files(

@@ -18,7 +18,7 @@ Task = Literal["summarize", "answer", "raw"]
 DEFAULT_ID_COLUMN = "id"  # an input column with this name is the id unless the spec says else
 # Spec fields that must match for --resume to continue a run.
 _SHAPING = ("input", "task", "model", "id_column", "text_column", "question_column",
-            "context_column", "prompt_format", "instruction", "summary_words")
+            "context_column", "prompt_format", "instruction", "summary_words", "sampling_columns")
 
 
 class SpecError(InputError):
@@ -38,6 +38,9 @@ class SamplingSpec(BaseModel):
     stop: list[str] | None = Field(
         None, description="Extra stop strings; None = the prompt format's default stops."
     )
+
+
+SamplingColumn = Literal["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"]
 
 
 class MeshSpec(BaseModel):
@@ -181,6 +184,17 @@ class JobSpec(BaseModel):
         32, ge=1, le=4096,
         description="Rows per generate call, decoded together (up to 256): larger batches give "
                     "more tokens/s, smaller ones commit results more often.")
+    batching: Literal["stream", "closed"] = Field(
+        "stream", description="stream: each actor's engine takes rows of several batches at "
+                              "once and refills freed slots across them; closed: one batch at a "
+                              "time per actor, returned when its longest row ends (the older "
+                              "behaviour, kept for comparison).")
+    batches_in_flight: int = Field(
+        3, ge=1, le=64, description="Batches each actor takes at once (batching: stream).")
+    sampling_columns: dict[SamplingColumn, str] | None = Field(
+        None, description="Input columns that set sampling per row, e.g. {max_new_tokens: "
+                          "budget}; default: columns named max_new_tokens, temperature, top_k, "
+                          "top_p, seed or stop, when the input has them; {} = none.")
     rows_per_output_shard: int = Field(
         100_000, ge=1, description="Rows per published output Parquet file."
     )

@@ -1,6 +1,7 @@
 """The streaming part of a run: the Ray Data pipeline (read tasks -> one block per batch ->
-generator actors) and the driver's commit loop, which commits each finished batch as a part
-and notes what the actors report (latencies, placements, phases)."""
+generator actors, which write each finished batch as a part themselves) and the driver's loop
+over the actors' small per-batch records (progress, latencies, placements, phases). No output
+row passes through the driver, except for a memory:// output, which lives in its process."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import warnings
 from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline import ray_env
+from pipeline import parts, ray_env
 from pipeline.errors import InputError, JobError, root_cause
 from pipeline.output import OutputDir
 from pipeline.phases import PhaseBoard, phase_text
 from pipeline.plan import Plan
-from pipeline.predictor import HIDDEN, PLACEMENT, GenSettings, Predictor, batch_records
+from pipeline.predictor import ClosedPredictor, GenSettings, StreamingPredictor
 from pipeline.progress import Progress
 from pipeline.publish import AttemptStats
 from pipeline.read import ReadSettings, read_batch, read_unit, unit_to_json
@@ -42,23 +42,28 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
     r = spec.resources
     prog.set_phase(phase_text("actors", n=r.num_actors or r.min_actors))
     try:
-        for batch in _batches(spec, plan, debug, board.name, prog.mode == "bar"):
-            if batch.num_rows == 0:
+        for records in _batches(spec, plan, out, debug, board.name, prog.mode == "bar"):
+            if records.num_rows == 0:
                 continue
-            records = batch_records(batch)
-            stats.latencies.extend(r["latency_s"] for r in records)
-            stats.placements.update(batch.column(PLACEMENT).unique().to_pylist())
-            table = batch.drop_columns(list(HIDDEN))
+            failed = [e for e in records.column("error").to_pylist()
+                      if e] if "error" in records.column_names else []
+            if failed:
+                raise JobError(f"{failed[0]}; the rows done are committed: fix the storage and "
+                               "rerun with --resume")
             if seq == 0:
                 board.flush()  # every phase before the first row is shown before it
             if seq == 0 and not plan.resumed:
                 out.write_run_record(json.loads(spec.model_dump_json()), attempt)
-            out.commit(attempt, seq, table, batches=records)
+            if parts.RECORD_COLUMN in records.column_names:  # memory://: rows came back
+                records = _commit_here(out, records)
+            for r in records.select(["rows", "output_tokens", "errors", "latency_s",
+                                     "placement"]).to_pylist():
+                stats.latencies.append(r["latency_s"])
+                stats.placements.add(r["placement"])
+                prog.add(r["rows"], r["output_tokens"], r["errors"])
             seq += 1
-            errs = pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
-            prog.add(table.num_rows, pc.sum(table.column("output_tokens")).as_py() or 0, errs)
             if on_commit is not None:
-                on_commit(table)
+                on_commit(records)
             if kill_after and seq >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     except (InputError, JobError):
@@ -70,8 +75,13 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
     except Exception as e:  # noqa: BLE001 - Ray wraps the real failure
         if debug:
             log.exception("pipeline failed")
-        kept = (f"{prog.rows + len(plan.done_ids)} rows committed; fix the cause and rerun "
-                "with --resume") if prog.rows or plan.resumed else "nothing was written"
+        try:
+            written = prog.rows or plan.resumed or any(
+                n.endswith(".parquet") for n in out.ls(OutputDir.PARTS))
+        except Exception:  # noqa: BLE001 - the storage itself may be what failed
+            written = True
+        kept = ("the rows done are committed; fix the cause and rerun with --resume"
+                if written else "nothing was written")
         raise JobError(f"generation failed: {root_cause(e)} ({kept})") from e
     finally:
         board.close()
@@ -94,10 +104,30 @@ def _start_ray(prog: Progress, debug: bool) -> PhaseBoard:
         raise
 
 
-def _batches(spec: JobSpec, plan: Plan, debug: bool, phase_board: str | None = None,
-             own_bar: bool = False) -> Iterator[pa.Table]:
-    """Builds the Ray Data pipeline (read -> one block per batch -> actors) and yields its
-    finished output batches."""
+def _commit_here(out: OutputDir, rows: pa.Table) -> pa.Table:
+    """Commits rows an actor sent back (one part per batch) and returns their records."""
+    recs = []
+    col = rows.column(parts.RECORD_COLUMN).to_pylist()
+    table = rows.drop_columns([parts.RECORD_COLUMN])
+    start = 0
+    while start < len(col):
+        end = start
+        while end < len(col) and col[end] == col[start]:
+            end += 1
+        meta = json.loads(col[start])
+        rec = meta["record"]
+        out.commit_part(rec["batch"] + ".parquet", table.slice(start, end - start), [rec])
+        recs.append({"part": rec["batch"] + ".parquet", **{k: rec[k] for k in (
+            "rows", "prompt_tokens", "output_tokens", "errors", "latency_s")},
+            "placement": meta["placement"], "batch": json.dumps(rec), "error": None})
+        start = end
+    return pa.Table.from_pylist(recs, schema=parts.RECORD_SCHEMA)
+
+
+def _batches(spec: JobSpec, plan: Plan, out: OutputDir, debug: bool,
+             phase_board: str | None = None, own_bar: bool = False) -> Iterator[pa.Table]:
+    """Builds the Ray Data pipeline (read -> one block per batch -> actors, which write their
+    parts) and yields the actors' per-batch records (`parts.RECORD_SCHEMA`)."""
     import ray.data
 
     # Ray Data's own bars only for --debug on a terminal, and never beside ours.
@@ -120,8 +150,14 @@ def _batches(spec: JobSpec, plan: Plan, debug: bool, phase_board: str | None = N
         # max_restarts / max_task_retries have no named parameter yet; we want them explicit
         # (Ray Data's default retries forever, which loops on a batch that kills every actor).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        gs = GenSettings.of(spec, plan.output_schema(), phase_board)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs={"settings": gs},
+        # Workers write the parts; a memory:// output lives in this process only.
+        where = None if out.url.startswith("memory://") else out.fs.unstrip_protocol(out.path)
+        gs = GenSettings.of(spec, plan.output_schema(), phase_board, where,
+                            tuple(plan.param_columns))
+        stream = spec.batching == "stream"
+        ds = ds.map_batches(StreamingPredictor if stream else ClosedPredictor,
+                            fn_constructor_kwargs={"settings": gs},
                             batch_size=spec.batch_size, batch_format="pyarrow",
-                            **ray_env.actor_options(spec, ray_env.cluster_cpus()))
+                            **ray_env.actor_options(spec, ray_env.cluster_cpus(),
+                                                    spec.batches_in_flight if stream else 1))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

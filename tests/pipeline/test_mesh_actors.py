@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
     spec = build_spec({**data, "output": f"{tmp}/ref", "mesh": None})
     plan, _, _ = preflight(spec)
     pred = Predictor(GenSettings.of(spec, plan.output_schema()))
-    ref = pred(pa.table({"id": ids, TEXT: texts})).to_pylist()
+    ref = pred.rows(pa.table({"id": ids, TEXT: texts})).to_pylist()
     ref_info = pred.model.info
     print(json.dumps({"summary": summary, "got": got, "ref": ref,
                       "ref_mesh": ref_info.get("mesh")}, default=str))
