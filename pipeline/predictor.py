@@ -39,6 +39,9 @@ TEXT, QUESTION, CONTEXT = "__text", "__question", "__context"
 # Prefill counts of a batch (model.engine.PrefillStats fields) and their names in its record.
 PREFILL_FIELDS = {"real_tokens": "prefill_real_tokens", "padded_tokens": "prefill_padded_tokens",
                   "prefix_tokens": "prefix_reused_tokens"}
+# Decode counts (model.engine.DecodeStats fields), named as such in the record.
+DECODE_FIELDS = ("decode_steps", "busy_slot_steps", "waiting_steps", "waiting_busy_slot_steps",
+                 "waiting_slot_steps")
 _FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
                   "device lost", "Device lost")
 
@@ -205,16 +208,20 @@ class Predictor:
 
     def _engine_work(self) -> dict[str, float]:
         engine = self.model.engine
-        return {**engine.stats.as_dict(), "compile_s": engine.compile_log.seconds}
+        dec = engine.decode_stats
+        return {**engine.stats.as_dict(), **{k: getattr(dec, k) for k in DECODE_FIELDS},
+                "compile_s": engine.compile_log.seconds}
 
     def _work_since_last(self) -> dict[str, Any]:
         """Engine work since this actor's previous record (each unit counted once, however
         batches overlap)."""
         with self._work_lock:
             now = self._engine_work()
-            delta = {k: now[k] - self._work_seen[k] for k in (*PREFILL_FIELDS, "compile_s")}
+            delta = {k: now[k] - self._work_seen[k]
+                     for k in (*PREFILL_FIELDS, *DECODE_FIELDS, "compile_s")}
             self._work_seen = now
         return {**{name: int(delta[k]) for k, name in PREFILL_FIELDS.items()},
+                **{k: int(delta[k]) for k in DECODE_FIELDS},
                 "compile_s": round(float(delta["compile_s"]), 3)}
 
     def _finish(self, work: Work) -> tuple[pa.Table, dict[str, Any]]:

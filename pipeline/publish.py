@@ -33,6 +33,7 @@ class Compacted:
     output_tokens: int = 0
     batches: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the parts' records
     error_rows: list[pa.Table] = dataclasses.field(default_factory=list)  # ERROR_COLUMNS
+    shard_rows: dict[str, int] = dataclasses.field(default_factory=dict)  # rows per shard
 
 
 @dataclasses.dataclass
@@ -81,7 +82,8 @@ def compact_parts(out: OutputDir, plan: Plan, rows_per_shard: int,
         for (k, _), r in zip(redo, again):
             results[k] = r
     done = Compacted(names=shard_names)
-    for r in results:
+    for name, r in zip(shard_names, results):
+        done.shard_rows[name] = r["rows"]
         done.batches.extend(r["batches"])
         for key, n in r["errors"].items():
             done.errors[key] = done.errors.get(key, 0) + n
@@ -175,6 +177,7 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "batch_latency_p50_s": _round(_percentile(lat, 0.5)),
         "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
         "prefill": _prefill(c.batches),
+        "decode": _decode(c.batches),
         # Seconds the actors spent compiling programs inside their generate calls.
         "compile_s": round(sum(b.get("compile_s", 0.0) for b in c.batches), 3),
         "model": spec.model,
@@ -198,6 +201,19 @@ def _prefill(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return {"real_tokens": real, "padded_tokens": padded,
             "padding_ratio": round(padded / real, 4) if real else None,
             "prefix_reused_tokens": sum(b.get("prefix_reused_tokens", 0) for b in batches)}
+
+
+def _decode(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engines' decode work: steps, slot occupancy (busy / usable slot-steps), and the
+    occupancy over the steps that ran while rows waited for a slot (1.0: no slot idled)."""
+    tot = {k: sum(b.get(k, 0) for b in batches) for k in (
+        "decode_steps", "busy_slot_steps", "waiting_steps", "waiting_busy_slot_steps",
+        "waiting_slot_steps")}
+    usable = tot["waiting_slot_steps"]
+    return {"steps": tot["decode_steps"], "busy_slot_steps": tot["busy_slot_steps"],
+            "steps_while_rows_waited": tot["waiting_steps"],
+            "occupancy_while_rows_waited": (round(tot["waiting_busy_slot_steps"] / usable, 4)
+                                            if usable else None)}
 
 
 def _placement(placements: set[str]) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def _retry(spec: JobSpec, plan: Plan, out: OutputDir, mode: Mode, lease: Lease,
             before.get("errors_by_kind"), "errors_after": summary["errors"],
         "spec_changes": _changes(before.get("spec") or {}, now), "rolled_forward": rolling}]
     out.publish(compacted.names, summary, lambda: write_side_files(
-        out, compacted, summary, plan.output_schema(), prior_batches))
+        out, compacted, summary, plan.output_schema(), prior_batches), rows=compacted.shard_rows)
     return summary
 
 

@@ -68,7 +68,7 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         summary = run_summary(spec, plan, compacted, stats)
         summary["wall_s"] = round(time.perf_counter() - t_start, 3)
         out.publish(compacted.names, summary, lambda: write_side_files(
-            out, compacted, summary, plan.output_schema()))
+            out, compacted, summary, plan.output_schema()), rows=compacted.shard_rows)
         if plan.increment is not None:  # only now: a run killed before publishing marks none
             plan.increment.record(out, compacted.names, attempt)
     return summary

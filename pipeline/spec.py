@@ -190,7 +190,8 @@ class JobSpec(BaseModel):
                               "time per actor, returned when its longest row ends (the older "
                               "behaviour, kept for comparison).")
     batches_in_flight: int = Field(
-        3, ge=1, le=64, description="Batches each actor takes at once (batching: stream).")
+        4, ge=1, le=64, description="Batches each actor takes at once (batching: stream): "
+                                    "their rows wait for the slots that free up.")
     sampling_columns: dict[SamplingColumn, str] | None = Field(
         None, description="Input columns that set sampling per row, e.g. {max_new_tokens: "
                           "budget}; default: columns named max_new_tokens, temperature, top_k, "

@@ -145,6 +145,34 @@ class PrefillStats:
 
 
 @dataclasses.dataclass
+class DecodeStats:
+    """Decode work (of a stream, or cumulative in an engine): steps, busy slot-steps, and the
+    same while rows were waiting for a slot (their ratio to usable slot-steps: occupancy)."""
+
+    decode_steps: int = 0
+    busy_slot_steps: int = 0  # active slots summed over decode steps
+    waiting_steps: int = 0  # decode steps that ran while rows were waiting
+    waiting_busy_slot_steps: int = 0  # active slots summed over those steps
+    waiting_slot_steps: int = 0  # usable slots (max_batch) summed over those steps
+    resizes: int = 0
+
+    def add(self, steps: int, busy: int, usable: int, waiting: bool) -> None:
+        """One decode call: `steps` steps with `busy` active slot-steps over `usable` slots."""
+        self.decode_steps += steps
+        self.busy_slot_steps += busy
+        if waiting:
+            self.waiting_steps += steps
+            self.waiting_busy_slot_steps += busy
+            self.waiting_slot_steps += steps * usable
+
+    @property
+    def occupancy_while_waiting(self) -> float:
+        """Busy / usable slot-steps over the decode steps that ran while rows were waiting."""
+        return (self.waiting_busy_slot_steps / self.waiting_slot_steps
+                if self.waiting_slot_steps else 1.0)
+
+
+@dataclasses.dataclass
 class CompileRecord:
     program: str
     shapes: str

@@ -20,7 +20,7 @@ import numpy as np
 from model import sharding
 from model.config import ModelConfig
 from model.engine import sampling
-from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, PrefillStats
+from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
 from model.engine.rows import batch_axes, copy_prefix, put_rows, take_rows
 from model.family import Family, Params, State
 
@@ -266,6 +266,7 @@ class Engine:
         self.max_prefixes = 32
         self.max_prefix_bytes = 1 << 30  # a 27B model's 8K-token prefix is ~1 GB: keep one
         self.stats = PrefillStats()
+        self.decode_stats = DecodeStats()  # every stream's decode work, cumulative
 
     def __repr__(self) -> str:
         mesh = f", mesh={sharding.mesh_dict(self.mesh)}" if self.mesh is not None else ""

@@ -158,5 +158,4 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
     stream.add(requests, done)  # keys are 0..n-1: a fresh stream numbers rows from 0
     while not stream.idle:
         stream.step()
-    engine.last_stream_stats = stream.stats
     return results  # type: ignore[return-value]

@@ -18,8 +18,8 @@ Legend: B = decode slots, L = cache length, O = generated-token buffer.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import heapq
 import dataclasses
 import threading
 from typing import Any, Callable, Sequence
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from model.engine import sampling
-from model.engine.buckets import enable_compile_cache
+from model.engine.buckets import DecodeStats, enable_compile_cache
 from model.engine.prefill import Row, assign_prefixes, prefill_rows
 from model.engine.programs import Engine, RowSettings
 from model.engine.results import (Generation, decode_text, finish, first_stop, stop_string_tokens,
@@ -76,24 +76,6 @@ def check_request(req: Request, index: int, vocab: int, max_seq_len: int) -> Row
                                      seed=int(req.seed) & 0xFFFFFFFF, row_id=int(req.row_id)))
 
 
-@dataclasses.dataclass
-class StreamStats:
-    """Decode work of one stream: steps, and slot-steps while rows were waiting (occupancy)."""
-
-    decode_steps: int = 0
-    busy_slot_steps: int = 0  # active slots summed over decode steps
-    waiting_steps: int = 0  # decode steps that ran while rows were waiting
-    waiting_busy_slot_steps: int = 0  # active slots summed over those steps
-    waiting_slot_steps: int = 0  # usable slots (max_batch) summed over those steps
-    resizes: int = 0
-
-    @property
-    def occupancy_while_waiting(self) -> float:
-        """Busy / usable slot-steps over the decode steps that ran while rows were waiting."""
-        return (self.waiting_busy_slot_steps / self.waiting_slot_steps
-                if self.waiting_slot_steps else 1.0)
-
-
 class Stream:
     """The host loop over one engine's decode slots (see the module docstring).
 
@@ -128,8 +110,9 @@ class Stream:
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.refill_min, self.stop_check_every = max(1, refill_min), stop_check_every
         self.poll_steps, self.reuse_prefixes = poll_steps, reuse_prefixes
-        self.stats = StreamStats()
-        self.waiting: collections.deque[Row] = collections.deque()
+        self.stats = DecodeStats()
+        # Waiting rows, a heap: longest budget first, then arrival (see `add`).
+        self.waiting: list[tuple[int, int, Row]] = []
         self._stop: dict[int, tuple[str, ...]] = {}  # row key -> its stop strings
         self._on_done: dict[int, DONE] = {}
         self._next_key = 0
@@ -158,9 +141,10 @@ class Stream:
         todo = [r for r in rows if r.index in self._on_done]
         if self.reuse_prefixes and todo:
             assign_prefixes(todo, list(self.engine.prefixes))
-        # Longest budgets first (the tail of a job is its longest rows); one prefix together.
-        self.waiting.extend(sorted(todo, key=lambda r: (-r.settings.max_new, r.prefix,
-                                                        -len(r.prompt))))
+        # Longest budgets first, over every waiting row whenever it arrived (the tail of a job
+        # is its longest rows: started early, they end with the rest), then arrival order.
+        for r in todo:
+            heapq.heappush(self.waiting, (-r.settings.max_new, r.index, r))
         return keys
 
     @property
@@ -179,7 +163,7 @@ class Stream:
     def drop(self) -> list[tuple[int, DONE]]:
         """Forgets every row (after a failed device call: the state cannot be trusted);
         returns their (key, on_done) so the caller can fail them."""
-        keys = [r.index for r in self.waiting]
+        keys = [r.index for _, _, r in self.waiting]
         if self._lane is not None:
             keys += [r.index for r in self._lane.rows if r is not None]
         self.waiting.clear()
@@ -216,13 +200,8 @@ class Stream:
             lane.state, lane.slots, table, max_steps, min_free, lane.length)
         active, n_out, out, steps, busy = jax.device_get(
             (lane.slots.active, lane.slots.n_out, lane.slots.out, steps, busy))
-        st = self.stats
-        st.decode_steps += int(steps)
-        st.busy_slot_steps += int(busy)
-        if waiting:
-            st.waiting_steps += int(steps)
-            st.waiting_busy_slot_steps += int(busy)
-            st.waiting_slot_steps += int(steps) * cap
+        for st in (self.stats, self.engine.decode_stats):  # this stream's, the engine's
+            st.add(int(steps), int(busy), cap, bool(waiting))
         return self._collect(lane, active, n_out, out)
 
     def _collect(self, lane: "_Lane", active: np.ndarray, n_out: np.ndarray,
@@ -253,7 +232,7 @@ class Stream:
         bk = self.engine.buckets
         lane = self._lane
         held = [] if lane is None else [r for r in lane.rows if r is not None]
-        picked = [self.waiting.popleft()
+        picked = [heapq.heappop(self.waiting)[2]
                   for _ in range(min(self.max_batch - len(held), len(self.waiting)))]
         rows = held + picked
         b = min(bk.batch_bucket(min(len(rows) + len(self.waiting), self.max_batch)),
@@ -270,6 +249,7 @@ class Stream:
             if new != (lane.b, lane.length, lane.out_len):
                 lane.resize(*new)
                 self.stats.resizes += 1
+                self.engine.decode_stats.resizes += 1
         if picked:
             free = [s for s in range(lane.b) if lane.rows[s] is None]
             placed = list(zip(free, picked))
