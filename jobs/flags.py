@@ -51,6 +51,10 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=int)
     g.add_argument("--long-document", choices=["error", "truncate"])
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--batching", choices=["stream", "closed"],
+                   help="stream (default): actors refill freed decode slots across batches; "
+                        "closed: one batch at a time, until its longest row ends")
+    g.add_argument("--batches-in-flight", type=int, help="batches each actor takes at once")
     g.add_argument("--rows-per-output-shard", type=int)
     g.add_argument("--mesh", type=_mesh, metavar="DxM",
                    help="each actor's device mesh: D data x M model devices (default: chosen "

@@ -113,6 +113,21 @@ def refuse_if_held(d: OutputDir) -> None:
         raise h.refusal(d.given)
 
 
+def fence(d: OutputDir, token: str | None) -> str | None:
+    """For a worker about to write into `d` for the run holding lease `token`: None when that
+    run still holds it live, else why not to write (its driver died, or another run took over),
+    so a dead run's workers stop adding rows a later run may also write."""
+    if token is None:
+        return None
+    h = read(d)
+    if h is None or h.token != token:
+        return f"the run's lease {LEASE} on {d.given} is gone or taken over by another run"
+    if h.stale():
+        return (f"the run's lease {LEASE} on {d.given} went stale (its driver has not "
+                f"beaten for {time.time() - h.heartbeat:.0f} s)")
+    return None
+
+
 class Lease:
     """A run's hold on one output's lease; as a context manager, taken for the block (InputError,
     nothing written, when another run holds it live) and released on finish or failure."""

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from pipeline import lease
 from pipeline.output import OutputDir
 
 # What the driver receives per finished batch (one row): no output text.
@@ -85,7 +86,7 @@ def batch_record(table: pa.Table, name: str, actor: str, end: float, latency: fl
 
 
 def commit(output: str | None, table: pa.Table, record: dict[str, Any],
-           placement: str) -> pa.Table:
+           placement: str, lease_token: str | None = None) -> pa.Table:
     """Writes the batch's part (atomic) and returns its one-row `RECORD_SCHEMA` record for
     the driver. `output` None (a memory:// output lives in the driver's process only): nothing
     is written and the rows go back with the record in a `RECORD_COLUMN` column, for the
@@ -99,6 +100,8 @@ def commit(output: str | None, table: pa.Table, record: dict[str, Any],
         _die_in_write(out, name)
     error = None
     try:
+        if (fenced := lease.fence(out, lease_token)) is not None:
+            raise PermissionError(f"{fenced}; this batch was not written")
         out.commit_part(name, table, [record])
     except Exception as e:  # noqa: BLE001 - every filesystem raises its own types
         # Told to the driver in the record, which fails the job with it (the rows already

@@ -70,10 +70,12 @@ class GenSettings:
     output: str | None = None  # where the actor writes its parts (None: returns the rows)
     slots: int = 32  # rows decoding at once per actor
     params: tuple[str, ...] = ()  # per-row settings the batches carry (row_params.PARAMS)
+    lease: str | None = None  # the run's lease token: parts are written only while it is live
 
     @classmethod
     def of(cls, spec: JobSpec, schema: pa.Schema, phase_board: str | None = None,
-           output: str | None = None, params: tuple[str, ...] = ()) -> "GenSettings":
+           output: str | None = None, params: tuple[str, ...] = (),
+           lease: str | None = None) -> "GenSettings":
         s = spec.sampling
         return cls(
             model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
@@ -82,7 +84,7 @@ class GenSettings:
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
             mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board,
-            output=output, slots=spec.batch_size, params=params)
+            output=output, slots=spec.batch_size, params=params, lease=lease)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -256,7 +258,7 @@ class Predictor:
         from pipeline import parts
 
         table, record = self._finish(work)
-        return parts.commit(self.s.output, table, record, self.placement)
+        return parts.commit(self.s.output, table, record, self.placement, self.s.lease)
 
     # -- closed batches --------------------------------------------------------------------------
 

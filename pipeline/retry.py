@@ -94,7 +94,8 @@ def _retry(spec: JobSpec, plan: Plan, out: OutputDir, mode: Mode, lease: Lease,
             out.write_run_record(now, attempt)
         plan.done_ids, plan.resumed = all_ids - todo, True
         prog = Progress(len(todo), mode=choose_mode(progress))
-        generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+        generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit,
+                                lease.me.token)
         stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
         retried = out.done_ids()
         if not error_ids <= retried:

@@ -60,7 +60,8 @@ def run_job(spec: JobSpec, *, progress: bool | None = None, debug: bool = False,
         t_gen = time.perf_counter()
         stats = AttemptStats(mode=mode)
         if todo > 0 and plan.units:
-            generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit)
+            generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit,
+                                lease.me.token)
         stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
         stats.wall_s = time.perf_counter() - t_gen
         lease.check()  # compaction clears earlier shards: only the lease holder may do it

@@ -33,16 +33,18 @@ _KILL_AFTER_PARTS_ENV = "_GEMMA_BATCH_TEST_KILL_DRIVER_AFTER_PARTS"
 
 def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str, prog: Progress,
                          stats: AttemptStats, debug: bool,
-                         on_commit: Callable[[pa.Table], None] | None) -> None:
+                         on_commit: Callable[[pa.Table], None] | None,
+                         lease: str | None = None) -> None:
     """Streams the pipeline's batches and commits each as a part; notes their latencies and the
-    actors' placements in `stats`."""
+    actors' placements in `stats`. Workers write only while the run's `lease` token is live."""
     kill_after = int(os.environ.get(_KILL_AFTER_PARTS_ENV, "0") or 0)
     seq = 0
     board = _start_ray(prog, debug)
     r = spec.resources
     prog.set_phase(phase_text("actors", n=r.num_actors or r.min_actors))
     try:
-        for records in _batches(spec, plan, out, debug, board.name, prog.mode == "bar"):
+        own_bar = prog.mode == "bar"
+        for records in _batches(spec, plan, out, debug, board.name, own_bar, lease):
             if records.num_rows == 0:
                 continue
             failed = [e for e in records.column("error").to_pylist()
@@ -125,7 +127,8 @@ def _commit_here(out: OutputDir, rows: pa.Table) -> pa.Table:
 
 
 def _batches(spec: JobSpec, plan: Plan, out: OutputDir, debug: bool,
-             phase_board: str | None = None, own_bar: bool = False) -> Iterator[pa.Table]:
+             phase_board: str | None = None, own_bar: bool = False,
+             lease: str | None = None) -> Iterator[pa.Table]:
     """Builds the Ray Data pipeline (read -> one block per batch -> actors, which write their
     parts) and yields the actors' per-batch records (`parts.RECORD_SCHEMA`)."""
     import ray.data
@@ -153,7 +156,7 @@ def _batches(spec: JobSpec, plan: Plan, out: OutputDir, debug: bool,
         # Workers write the parts; a memory:// output lives in this process only.
         where = None if out.url.startswith("memory://") else out.fs.unstrip_protocol(out.path)
         gs = GenSettings.of(spec, plan.output_schema(), phase_board, where,
-                            tuple(plan.param_columns))
+                            tuple(plan.param_columns), lease)
         stream = spec.batching == "stream"
         ds = ds.map_batches(StreamingPredictor if stream else ClosedPredictor,
                             fn_constructor_kwargs={"settings": gs},

@@ -86,8 +86,14 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
            "_GEMMA_BATCH_TEST_KILL_DRIVER_AFTER_PARTS": "3",
            "GEMMA_BATCH_LEASE_TIMEOUT_S": "2",  # its lease may be taken over 2 s after the kill
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    before_run = set(_predictor_actors())
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed mid-run
+    # Its actors (which write the parts) may finish a batch in flight until Ray ends them.
+    deadline = time.monotonic() + 60
+    while any(a["State"] != "DEAD" for k, a in _predictor_actors().items()
+              if k not in before_run) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
     committed = _committed(out)
     assert 0 < len(committed) < len(ids) and len(set(committed)) == len(committed)

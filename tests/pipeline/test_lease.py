@@ -22,7 +22,7 @@ from pl_helpers import tiny_spec, write_corpus
 
 from jobs.cli import main
 from pipeline.errors import InputError, JobError
-from pipeline.lease import LEASE, TIMEOUT_ENV, Holder, Lease, read
+from pipeline.lease import LEASE, TIMEOUT_ENV, Holder, Lease, fence, read
 from pipeline.output import OutputDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,10 +39,11 @@ def out_url(request, tmp_path) -> str:
     return f"{request.param}://test-bucket/{name}"
 
 
-def _foreign(d: OutputDir, heartbeat_age: float, timeout: float = 60.0) -> Holder:
+def _foreign(d: OutputDir, heartbeat_age: float, timeout: float = 60.0,
+             token: str = "their-token") -> Holder:
     """Writes the lease of a run elsewhere whose last heartbeat is `heartbeat_age` s old."""
     now = time.time()
-    h = Holder("their-token", "elsewhere", 4242, "gemma-batch run (new)", now - 600,
+    h = Holder(token, "elsewhere", 4242, "gemma-batch run (new)", now - 600,
                now - heartbeat_age, timeout)
     d.write_bytes(LEASE, h.to_json())
     return h
@@ -95,6 +96,30 @@ def test_heartbeat_keeps_the_lease_live(tmp_path, monkeypatch):
         now = read(out)
         assert now.token == lease.me.token and now.heartbeat > first and not now.stale()
         lease.check()
+
+
+def test_workers_write_parts_only_while_their_runs_lease_is_live(tmp_path, monkeypatch):
+    from pipeline import parts
+
+    monkeypatch.setenv(TIMEOUT_ENV, "60")
+    out = OutputDir(str(tmp_path / "out"))
+    table = pa.table({"id": ["a", "b"]})
+    record = {"batch": "b-1", "rows": 2, "prompt_tokens": 5, "output_tokens": 7, "errors": 0,
+              "latency_s": 0.1}
+    with Lease(out, "run") as lease:
+        assert fence(out, lease.me.token) is None
+        ok = parts.commit(out.given, table, record, "{}", lease.me.token).to_pylist()[0]
+        assert ok["error"] is None and ok["part"] == "b-1.parquet"
+        assert out.exists(OutputDir.PARTS + "/b-1.parquet")
+        late = parts.commit(out.given, table, {**record, "batch": "b-2"}, "{}", "dead-run")
+        assert "taken over by another run" in late.column("error")[0].as_py()
+        assert late.column("part")[0].as_py() == ""
+        assert not out.exists(OutputDir.PARTS + "/b-2.parquet")
+    _foreign(out, heartbeat_age=100, token="dead-run")  # its driver stopped beating
+    assert "went stale" in fence(out, "dead-run") and "this batch was not written" in (
+        parts.commit(out.given, table, {**record, "batch": "b-3"}, "{}", "dead-run")
+        .column("error")[0].as_py())
+    assert not out.exists(OutputDir.PARTS + "/b-3.parquet")
 
 
 def test_output_changed_before_the_lease_is_refused(tmp_path):
