@@ -54,10 +54,15 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
                                "rerun with --resume")
             if seq == 0:
                 board.flush()  # every phase before the first row is shown before it
-            if seq == 0 and not plan.resumed:
-                out.write_run_record(json.loads(spec.model_dump_json()), attempt)
-            if parts.RECORD_COLUMN in records.column_names:  # memory://: rows came back
-                records = _commit_here(out, records)
+            try:
+                if seq == 0 and not plan.resumed:
+                    out.write_run_record(json.loads(spec.model_dump_json()), attempt)
+                if parts.RECORD_COLUMN in records.column_names:  # memory://: rows came back
+                    records = _commit_here(out, records)
+            except Exception as e:  # noqa: BLE001 - every filesystem raises its own types
+                raise JobError(f"storage error writing {spec.output}: {root_cause(e)}; the rows "
+                               "done are committed: fix the storage and rerun with --resume"
+                               ) from e
             for r in records.select(["rows", "output_tokens", "errors", "latency_s",
                                      "placement"]).to_pylist():
                 stats.latencies.append(r["latency_s"])
