@@ -55,12 +55,13 @@ def mixed_corpus(tokenizer: Any, rows: int, seed: int = 0) -> list[dict[str, Any
     return out
 
 
-def _spec(model: str, inp: Path, out: Path, batch: int, batching: str, in_flight: int):
+def _spec(model: str, inp: Path, out: Path, batch: int, batching: str, in_flight: int | None):
     from pipeline.spec import build_spec
 
+    flight = {} if in_flight is None else {"batches_in_flight": in_flight}
     return build_spec({"input": str(inp), "output": str(out), "model": model, "task": "raw",
                        "id_column": "id", "batch_size": batch, "batching": batching,
-                       "batches_in_flight": in_flight, "prompt_format": "completion",
+                       **flight, "prompt_format": "completion",
                        "sampling_columns": {"max_new_tokens": "budget"},
                        "sampling": {"max_new_tokens": 256},
                        "resources": {"num_actors": 1}})
@@ -100,9 +101,13 @@ def bare_side(m: Any, rows: list[dict[str, Any]], prompts: list[list[int]],
                       else g.text for r, g in zip(rows, gens)}}
 
 
-def mixed_main(model: str, rows: int, batch: int, runs: int, in_flight: int) -> None:
+def mixed_main(model: str, rows: int, batch: int, runs: int, in_flight: int | None) -> None:
     from model import load_model
     from pipeline.ray_env import ensure_ray, shutdown_ray
+    from pipeline.spec import JobSpec
+
+    if in_flight is None:  # the product's default
+        in_flight = JobSpec.model_fields["batches_in_flight"].default
 
     mach = machine()
     print(machine_line(mach), flush=True)

@@ -167,7 +167,8 @@ def main() -> None:
                     help="time the README's gemma-batch demo end to end, cold and warm")
     ap.add_argument("--mixed", action="store_true",
                     help="spread lengths: bare engine vs streaming pipeline vs closed batches")
-    ap.add_argument("--batches-in-flight", type=int, default=3)
+    ap.add_argument("--batches-in-flight", type=int, default=None,
+                    help="per actor (--mixed); default: the spec's default")
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=8)
