@@ -7,14 +7,11 @@ rows wait), and returns the rows that finished. `StreamEngine` runs a `Stream` o
 for callers that submit rows over time (a Ray actor's concurrent batches) and get a future per
 row. `generate` (scheduler.py) is one `add` and steps until done.
 
-The slots' shape follows every row the stream knows (in the slots or waiting), so it is set
-once for a known set of rows and changes only as new rows arrive: B = bucket(min(rows,
-max_batch)) (grows only), L = bucket(the longest prompt + max_new_tokens) and O = bucket(the
-largest max_new_tokens); the state is resized when a row needs more, and shrinks when every known
-row fits half the cache (`Engine.resize`: nothing is recomputed). Few shapes mean few programs:
-on CPU a decode step costs the same order at any L (the vocabulary projection dominates), while
-each new shape costs a program load. Results never depend on what else is in the slots, nor on
-when a row arrived.
+The slots' shape follows the rows in them: B = bucket(min(rows, max_batch)) (grows only), L =
+bucket(the longest prompt + max_new_tokens in the slots) and O = bucket(the largest
+max_new_tokens); the state is resized when a placed row needs more, and shrinks when every row
+in the slots fits half the cache (`Engine.resize`: nothing is recomputed). Results never depend
+on what else is in the slots, nor on when a row arrived.
 
 Legend: B = decode slots, L = cache length, O = generated-token buffer.
 """
@@ -116,9 +113,6 @@ class Stream:
         self.stats = DecodeStats()
         # Waiting rows, a heap: longest budget first, then arrival (see `add`).
         self.waiting: list[tuple[int, int, Row]] = []
-        # The waiting rows' needs (prompt + max_new), a max-heap with lazy deletion.
-        self._needs: list[tuple[int, int]] = []
-        self._waiting_keys: set[int] = set()
         self._stop: dict[int, tuple[str, ...]] = {}  # row key -> its stop strings
         self._on_done: dict[int, DONE] = {}
         self._next_key = 0
@@ -151,18 +145,7 @@ class Stream:
         # is its longest rows: started early, they end with the rest), then arrival order.
         for r in todo:
             heapq.heappush(self.waiting, (-r.settings.max_new, r.index, r))
-            heapq.heappush(self._needs, (-(len(r.prompt) + r.settings.max_new), r.index))
-            self._waiting_keys.add(r.index)
         return keys
-
-    def _waiting_need(self) -> tuple[int, int]:
-        """(longest prompt + max_new, largest max_new) over the waiting rows; (0, 0) if none."""
-        if not self.waiting:
-            self._needs.clear()
-            return 0, 0
-        while self._needs[0][1] not in self._waiting_keys:
-            heapq.heappop(self._needs)
-        return -self._needs[0][0], -self.waiting[0][0]
 
     @property
     def idle(self) -> bool:
@@ -184,8 +167,6 @@ class Stream:
         if self._lane is not None:
             keys += [r.index for r in self._lane.rows if r is not None]
         self.waiting.clear()
-        self._needs.clear()
-        self._waiting_keys.clear()
         self._lane = None
         gone = [(k, self._on_done.pop(k)) for k in keys if k in self._on_done]
         for k in keys:
@@ -254,17 +235,14 @@ class Stream:
         picked = [heapq.heappop(self.waiting)[2]
                   for _ in range(min(self.max_batch - len(held), len(self.waiting)))]
         rows = held + picked
-        self._waiting_keys.difference_update(r.index for r in picked)
-        wait_need, wait_new = self._waiting_need()
         b = min(bk.batch_bucket(min(len(rows) + len(self.waiting), self.max_batch)),
                 bk.max_batch)
-        length = bk.length_bucket(max(wait_need, *(len(r.prompt) + r.settings.max_new
-                                                   for r in rows)))
-        out_len = bk.out_bucket(max(wait_new, *(r.settings.max_new for r in rows)), length)
+        length = bk.length_bucket(max(len(r.prompt) + r.settings.max_new for r in rows))
+        out_len = bk.out_bucket(max(r.settings.max_new for r in rows), length)
         if lane is None or not held:  # nothing to keep: slots shaped for these rows
             lane = self._lane = _Lane(self.engine, b, length, out_len)
         else:
-            shrink = length <= lane.length // 2  # every known row fits half the cache
+            shrink = length <= lane.length // 2  # every row fits half the cache
             new = (max(b, lane.b),
                    length if shrink or length > lane.length else lane.length,
                    out_len if shrink or out_len > lane.out_len else lane.out_len)
