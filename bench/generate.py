@@ -333,13 +333,17 @@ def main() -> None:
     ap.add_argument("--recurrentgemma", action="store_true",
                     help="instead: RecurrentGemma vs Gemma decode tokens/s at 1K and 8K context "
                          "(runs bench/griffin_speed.py)")
+    ap.add_argument("--constrained", action="store_true",
+                    help="instead: decode tokens/s with a JSON-schema output format vs "
+                         "unconstrained (runs bench/constrained.py)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe-lengths", default="[]", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
-    if args.recurrentgemma:
+    if args.recurrentgemma or args.constrained:
         import runpy
 
-        sys.argv = [str(Path(__file__).with_name("griffin_speed.py")), *rest]
+        script = "griffin_speed.py" if args.recurrentgemma else "constrained.py"
+        sys.argv = [str(Path(__file__).with_name(script)), *rest]
         runpy.run_path(sys.argv[0], run_name="__main__")
         return None
     if rest:

@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def piece_to_id(self, piece: str) -> int | None: ...
 
+    def is_text(self, i: int) -> bool: ...
+
 
 _SPECIAL = re.compile(r"(<start_of_turn>|<end_of_turn>|<bos>|<eos>)")
 
@@ -81,6 +83,11 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
+    def is_text(self, i: int) -> bool:
+        """Whether id i stands for text (not a control, unknown or unused piece)."""
+        sp = self._sp
+        return not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i))
+
     def id_to_piece(self, i: int) -> str:
         return self._sp.IdToPiece(int(i))
 
@@ -112,6 +119,10 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < 256 + self.OFFSET)
         return data.decode("utf-8", errors="replace")
+
+    def is_text(self, i: int) -> bool:
+        """Whether id i stands for text (one of the 256 bytes)."""
+        return self.OFFSET <= i < 256 + self.OFFSET
 
     def id_to_piece(self, i: int) -> str:
         names = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>"}

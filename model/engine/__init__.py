@@ -34,11 +34,12 @@ and each row's random key comes from (seed, row id, step).
 """
 
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, enable_compile_cache
+from model.engine.constrain import Automaton, Format, FormatError, compile_format
 from model.engine.programs import Engine, RowSettings
 from model.engine.results import Generation
 from model.engine.scheduler import expected_programs, generate, plan_programs
 from model.engine.stream import Request, Stream, StreamEngine
 
-__all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
+__all__ = ["Automaton", "Format", "FormatError", "compile_format", "Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
            "Request", "Stream", "StreamEngine",
            "DEFAULT_BUCKETS", "CompileLog", "RowSettings", "enable_compile_cache"]

@@ -20,8 +20,10 @@ import numpy as np
 from model import sharding
 from model.config import ModelConfig
 from model.engine import sampling
+from model.engine.constrain import Automaton, advance, mask_to_format
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
-from model.engine.rows import batch_axes, copy_prefix, put_rows, take_rows
+from model.engine.rows import (batch_axes, copy_prefix, deactivate, put_rows, resize,
+                               state_dtype, take_rows)
 from model.family import Family, Params, State
 
 Array = jax.Array
@@ -54,6 +56,7 @@ class Slots(NamedTuple):
     n_out: Array  # int32: tokens generated so far
     settings: RowSettings  # each [B]
     out: Array  # int32 [B, O]: generated tokens, out[b, :n_out[b]]
+    fsm: Array  # int32: the output format's automaton state (constrain.py; 0 = its start)
 
 
 class NewRows(NamedTuple):
@@ -77,7 +80,7 @@ def empty_slots(b: int, out_len: int) -> Slots:
                  pos=jnp.zeros((b,), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
                  settings=RowSettings(*(jnp.full((b,), v, dt)
                                         for v, dt in zip(ROW_PAD, ROW_DTYPES))),
-                 out=jnp.zeros((b, out_len), jnp.int32))
+                 out=jnp.zeros((b, out_len), jnp.int32), fsm=jnp.zeros((b,), jnp.int32))
 
 
 def _keep(state: State) -> State:
@@ -91,7 +94,8 @@ def _keep(state: State) -> State:
 def _place(slots: Slots, new: NewRows, idx_p: Array) -> Slots:
     """Writes the new rows' bookkeeping into their slots (n_out = 0 hides old tokens)."""
     fresh = dict(active=jnp.ones_like(new.slot, bool), last_token=new.last_token,
-                 pos=new.pos, n_out=jnp.zeros_like(new.slot), settings=new.settings)
+                 pos=new.pos, n_out=jnp.zeros_like(new.slot), settings=new.settings,
+                 fsm=jnp.zeros_like(new.slot))
     old = {name: getattr(slots, name) for name in fresh}
 
     def place(x: Array, v: Array) -> Array:
@@ -149,17 +153,22 @@ def vocab_major_head(params: Params, b: int) -> bool:
 
 
 def decode_program(family: Family, cfg: ModelConfig,
-                   constrain: Callable[[State], State] = _keep) -> Callable:
-    """(params, state, slots, stop ids [S], max_steps, min_free) -> (state, slots, steps, busy).
+                   constrain: Callable[[State], State] = _keep,
+                   formatted: bool = False) -> Callable:
+    """(params, state, slots, stop ids [S], max_steps, min_free, token_class [V], next_sc
+    [S', C]) -> (state, slots, steps, busy).
 
     One `lax.while_loop`: every active slot gets its next token per step, until no slot is
     active, `max_steps` steps ran, or at least `min_free` slots are free; `busy` counts the
     active slots summed over the steps (slot occupancy). `constrain` pins the state's layout in
-    the loop (a sharding constraint on a mesh; identity otherwise).
+    the loop (a sharding constraint on a mesh; identity otherwise). `formatted` (static): each
+    row's logits are masked to its automaton state's tokens, and its state follows the token
+    picked (constrain.py's tables; unread otherwise).
     """
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
-               min_free: Array) -> tuple[State, Slots, Array]:
+               min_free: Array, token_class_v: Array, next_sc: Array
+               ) -> tuple[State, Slots, Array]:
         b = slots.active.shape[0]
         rows_b = jnp.arange(b)
         out_len = slots.out.shape[1]
@@ -177,14 +186,19 @@ def decode_program(family: Family, cfg: ModelConfig,
             logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
                                         vocab_major=vocab_major)
             keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
-            nxt_b = sampling.sample_rows(logits if vocab_major else logits[:, 0], keys_b2,
-                                         rs.temperature, rs.top_k, rs.top_p, vocab_major)
+            logits = logits if vocab_major else logits[:, 0]
+            if formatted:
+                logits, next_bc = mask_to_format(logits, vocab_major, sl.fsm, token_class_v,
+                                                 next_sc)
+            nxt_b = sampling.sample_rows(logits, keys_b2, rs.temperature, rs.top_k, rs.top_p,
+                                         vocab_major)
+            fsm_b = advance(next_bc, token_class_v, nxt_b, act_b, sl.fsm) if formatted else sl.fsm
             write_b = jnp.where(act_b, sl.n_out, out_len)  # out of range: dropped
             out = sl.out.at[rows_b, write_b].set(nxt_b, mode="drop")
             n_out = sl.n_out + act_b
             hit_stop_b = jnp.any(nxt_b[:, None] == stop_ids_s[None, :], axis=-1)
             finished_b = act_b & (hit_stop_b | (n_out >= rs.max_new))
-            sl = sl._replace(active=act_b & ~finished_b, out=out, n_out=n_out,
+            sl = sl._replace(active=act_b & ~finished_b, out=out, n_out=n_out, fsm=fsm_b,
                              last_token=jnp.where(act_b, nxt_b, sl.last_token),
                              pos=sl.pos + act_b)
             return step + 1, busy + jnp.sum(act_b, dtype=jnp.int32), constrain(st), sl
@@ -194,34 +208,6 @@ def decode_program(family: Family, cfg: ModelConfig,
         return state, slots, steps, busy
 
     return decode
-
-
-def resize(fresh: Callable[[], tuple[State, Slots]], state: State, slots: Slots
-           ) -> tuple[State, Slots]:
-    """(state, slots) copied into `fresh()` ones of other B, L, O: every leaf keeps the corner
-    both shapes share. Valid while each active row fits the new L and O: cache entries sit at
-    their position (a ring smaller than the window never wraps), so the corner holds them."""
-    def fit(new: Array, old: Array) -> Array:
-        corner = tuple(slice(0, min(a, c)) for a, c in zip(new.shape, old.shape))
-        return new.at[corner].set(old[corner].astype(new.dtype))
-
-    return jax.tree_util.tree_map(fit, fresh(), (state, slots))
-
-
-def deactivate(slots: Slots, kill_b: Array) -> Slots:
-    """Frees the slots marked in kill_b (bool [B])."""
-    return slots._replace(active=slots.active & ~kill_b)
-
-
-def state_dtype(params: Params) -> Any:
-    """The params' floating dtype; float32 on CPU, where XLA would convert a bf16 cache to f32
-    for every attention product (a bf16 model's 16-row decode step: ~25% faster, f32 state)."""
-    if jax.default_backend() == "cpu":
-        return jnp.float32
-    for leaf in jax.tree_util.tree_leaves(params):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf.dtype
-    return jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,24 +368,34 @@ class Engine:
         return fn(*args)
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
-               min_free: int, length: int) -> tuple[State, Slots, Array, Array]:
-        """Runs the decode loop (see `decode_program`) over a state of cache length L."""
+               min_free: int, length: int, tables: tuple[Array, Array] | None = None
+               ) -> tuple[State, Slots, Array, Array]:
+        """Runs the decode loop (see `decode_program`) over a state of cache length L;
+        `tables`: an output format's (token_class [V], next_sc [S, C]) (`format_tables`)."""
         b, o = slots.out.shape
+        formatted = tables is not None
+        tables = tables or (self._put(np.zeros((1,), np.int32)),
+                            self._put(np.zeros((1, 1), np.int32)))
         args = (self.params, state, slots, self._put(stop_ids),
-                self._put(np.int32(max_steps)), self._put(np.int32(min_free)))
+                self._put(np.int32(max_steps)), self._put(np.int32(min_free)), *tables)
+        shape = tuple(tables[1].shape) if formatted else None
 
         def shardings() -> tuple[Any, Any]:
             st, sl = self.state_shardings(b, length), self._slots_sh(slots)
             rep = sharding.replicated(self.mesh)
-            return (self._param_sh, st, sl, rep, rep, rep), (st, sl, rep, rep)
+            return (self._param_sh, st, sl, rep, rep, rep, rep, rep), (st, sl, rep, rep)
 
         fn = self.compile_log.get(
-            ("decode", b, length, o, len(stop_ids)), "decode",
-            f"B={b} L={length} S={len(stop_ids)}",
+            ("decode", b, length, o, len(stop_ids), shape), "decode",
+            f"B={b} L={length} S={len(stop_ids)}" + (f" format={shape}" if formatted else ""),
             lambda: self._compile(decode_program(self.family, self.cfg,
-                                                 self._constrain(b, length)),
+                                                 self._constrain(b, length), formatted),
                                   (1, 2), args, shardings))
         return fn(*args)
+
+    def format_tables(self, auto: Automaton) -> tuple[Array, Array]:
+        """An output format's tables on device (replicated on a mesh), for `decode`."""
+        return self._put(auto.token_class), self._put(auto.next_sc)
 
     def deactivate(self, slots: Slots, kill: np.ndarray, length: int) -> Slots:
         """Frees the slots marked in kill (bool [B]) of a group of cache length L."""

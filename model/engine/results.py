@@ -21,6 +21,8 @@ class Generation:
       text: decoded `tokens`, cut before the first stop string.
       finish_reason: "stop" (stop token or stop string) or "length" (max_new_tokens reached).
       prompt_tokens / output_tokens: token counts (output_tokens == len(tokens)).
+      complete: with an output format, whether the text is a whole match of it (False: cut
+        by max_new_tokens before the format was complete); None without one.
     """
 
     tokens: list[int]
@@ -28,6 +30,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     output_tokens: int
+    complete: bool | None = None
 
 
 def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets
+from model.engine.constrain import Automaton, Format
 from model.engine.programs import Engine
 from model.engine.results import MAX_STOP_TOKENS, Generation, stop_string_tokens
 from model.engine.stream import Request, Stream
@@ -104,7 +105,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
              stop_token_ids: Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, max_batch: int = 16,
              refill_min: int | None = None, stop_check_every: int = 16,
-             reuse_prefixes: bool = True) -> list[Generation]:
+             reuse_prefixes: bool = True,
+             output_format: Format | Automaton | None = None) -> list[Generation]:
     """Generates a continuation for every prompt (token ids, BOS included), in input order.
 
     One `Stream` (stream.py) over all the rows: they fill up to `max_batch` decode slots,
@@ -129,6 +131,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
       reuse_prefixes: prefill a token prefix shared by several rows (a prompt frame, a passage
         shared by questions) once, keep it in the engine (`Engine.prefixes`), and start each
         row from a copy of its state; results are those of prefilling every row in full.
+      output_format: constrain every row to a format (constrain.py; see `Stream`).
     Returns:
       One `Generation` per prompt.
     """
@@ -145,7 +148,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
                           else (cfg.eos_id,))
     stream = Stream(engine, tokenizer, max_batch=max_batch, stop_token_ids=stop_token_ids,
                     stop_strings=stop_strings or (), refill_min=refill_min or 1,
-                    stop_check_every=stop_check_every, reuse_prefixes=reuse_prefixes)
+                    stop_check_every=stop_check_every, reuse_prefixes=reuse_prefixes,
+                    output_format=output_format)
     requests = [Request(prompts[i], *(int(columns["max_new_tokens"][i]),
                                       columns["temperature"][i], columns["top_k"][i],
                                       columns["top_p"][i], columns["seed"][i]),

@@ -29,6 +29,7 @@ import numpy as np
 
 from model.engine import sampling
 from model.engine.buckets import DecodeStats, enable_compile_cache
+from model.engine.constrain import Automaton, Format, compile_format
 from model.engine.prefill import Row, assign_prefixes, prefill_rows
 from model.engine.programs import Engine, RowSettings
 from model.engine.results import (Generation, decode_text, finish, first_stop, stop_string_tokens,
@@ -91,12 +92,15 @@ class Stream:
       poll_steps: decode steps at most per call when no row waits (None: until every row is
         done; a `StreamEngine` polls so rows submitted meanwhile join soon).
       reuse_prefixes: start rows from shared prefixes prefilled once (see prefill.py).
+      output_format: every row's text matches this format (a `Format`, compiled here over the
+        vocabulary with the stop ids, or an `Automaton`); stop ids end rows only where the
+        format is complete. Each `Generation` says whether it is (`complete`).
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, *, max_batch: int = 16,
                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                  refill_min: int = 1, stop_check_every: int = 16, poll_steps: int | None = None,
-                 reuse_prefixes: bool = True):
+                 reuse_prefixes: bool = True, output_format: Format | Automaton | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = engine.cfg
@@ -117,6 +121,11 @@ class Stream:
         self._on_done: dict[int, DONE] = {}
         self._next_key = 0
         self._lane: _Lane | None = None
+        if isinstance(output_format, Format):
+            output_format = compile_format(output_format, tokenizer, cfg.vocab_size,
+                                           sorted(self.stop_set))
+        self.automaton = output_format
+        self._tables = None if output_format is None else engine.format_tables(output_format)
         enable_compile_cache()
 
     # -- rows in -------------------------------------------------------------------------------
@@ -197,15 +206,15 @@ class Stream:
         if not waiting and self.poll_steps:
             max_steps = min(max_steps, self.poll_steps)
         lane.state, lane.slots, steps, busy = self.engine.decode(
-            lane.state, lane.slots, table, max_steps, min_free, lane.length)
-        active, n_out, out, steps, busy = jax.device_get(
-            (lane.slots.active, lane.slots.n_out, lane.slots.out, steps, busy))
+            lane.state, lane.slots, table, max_steps, min_free, lane.length, self._tables)
+        active, n_out, out, fsm, steps, busy = jax.device_get(
+            (lane.slots.active, lane.slots.n_out, lane.slots.out, lane.slots.fsm, steps, busy))
         for st in (self.stats, self.engine.decode_stats):  # this stream's, the engine's
             st.add(int(steps), int(busy), cap, bool(waiting))
-        return self._collect(lane, active, n_out, out)
+        return self._collect(lane, active, n_out, out, fsm)
 
     def _collect(self, lane: "_Lane", active: np.ndarray, n_out: np.ndarray,
-                 out: np.ndarray) -> int:
+                 out: np.ndarray, fsm: np.ndarray) -> int:
         kill = np.zeros((lane.b,), bool)
         done = 0
         for s, r in enumerate(lane.rows):
@@ -218,6 +227,8 @@ class Stream:
                     continue
                 kill[s] = True
             gen = finish(r, ids, self.tokenizer, self.stop_set, stop)
+            if self.automaton is not None:
+                gen = dataclasses.replace(gen, complete=bool(self.automaton.final[fsm[s]]))
             lane.rows[s] = None
             self._stop.pop(r.index)
             self._on_done.pop(r.index)(r.index, gen)
