@@ -55,13 +55,12 @@ def mixed_corpus(tokenizer: Any, rows: int, seed: int = 0) -> list[dict[str, Any
     return out
 
 
-def _spec(model: str, inp: Path, out: Path, batch: int, batching: str, in_flight: int | None):
+def _spec(model: str, inp: Path, out: Path, batch: int, batching: str, in_flight: int):
     from pipeline.spec import build_spec
 
-    flight = {} if in_flight is None else {"batches_in_flight": in_flight}
     return build_spec({"input": str(inp), "output": str(out), "model": model, "task": "raw",
                        "id_column": "id", "batch_size": batch, "batching": batching,
-                       **flight, "prompt_format": "completion",
+                       "batches_in_flight": in_flight, "prompt_format": "completion",
                        "sampling_columns": {"max_new_tokens": "budget"},
                        "sampling": {"max_new_tokens": 256},
                        "resources": {"num_actors": 1}})

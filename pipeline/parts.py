@@ -98,16 +98,18 @@ def commit(output: str | None, table: pa.Table, record: dict[str, Any],
     out = OutputDir(output)
     if os.environ.get(_DIE_IN_WRITE_ENV):
         _die_in_write(out, name)
+    # An error is told to the driver in the record, which fails the job with it (the rows
+    # already committed stay for --resume).
     error = None
     try:
-        if (fenced := lease.fence(out, lease_token)) is not None:
-            raise PermissionError(f"{fenced}; this batch was not written")
-        out.commit_part(name, table, [record])
+        if (fenced := lease.fence(out, lease_token)) is None:
+            out.commit_part(name, table, [record])
+        else:  # not a storage error: this run no longer owns the output
+            error = f"{fenced}; this batch was not written"
     except Exception as e:  # noqa: BLE001 - every filesystem raises its own types
-        # Told to the driver in the record, which fails the job with it (the rows already
-        # committed stay for --resume).
         cause = " ".join(str(e).split())[:200] or type(e).__name__
         error = f"storage error writing {output}/{out.PARTS}/{name}: {type(e).__name__}: {cause}"
+    if error:
         name = ""
     return pa.Table.from_pylist([{
         "part": name, "rows": record["rows"], "prompt_tokens": record["prompt_tokens"],

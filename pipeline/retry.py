@@ -95,7 +95,7 @@ def _retry(spec: JobSpec, plan: Plan, out: OutputDir, mode: Mode, lease: Lease,
         plan.done_ids, plan.resumed = all_ids - todo, True
         prog = Progress(len(todo), mode=choose_mode(progress))
         generate_and_commit(spec, plan, out, attempt, prog, stats, debug, on_commit,
-                                lease.me.token)
+                            lease.me.token)
         stats.rows_generated, stats.output_tokens = prog.rows, prog.tokens
         retried = out.done_ids()
         if not error_ids <= retried:

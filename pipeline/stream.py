@@ -50,8 +50,7 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
             failed = [e for e in records.column("error").to_pylist()
                       if e] if "error" in records.column_names else []
             if failed:
-                raise JobError(f"{failed[0]}; the rows done are committed: fix the storage and "
-                               "rerun with --resume")
+                raise _storage_failed(failed[0])
             if seq == 0:
                 board.flush()  # every phase before the first row is shown before it
             try:
@@ -60,9 +59,8 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
                 if parts.RECORD_COLUMN in records.column_names:  # memory://: rows came back
                     records = _commit_here(out, records)
             except Exception as e:  # noqa: BLE001 - every filesystem raises its own types
-                raise JobError(f"storage error writing {spec.output}: {root_cause(e)}; the rows "
-                               "done are committed: fix the storage and rerun with --resume"
-                               ) from e
+                raise _storage_failed(f"storage error writing {spec.output}: {root_cause(e)}"
+                                      ) from e
             for r in records.select(["rows", "output_tokens", "errors", "latency_s",
                                      "placement"]).to_pylist():
                 stats.latencies.append(r["latency_s"])
@@ -93,6 +91,12 @@ def generate_and_commit(spec: JobSpec, plan: Plan, out: OutputDir, attempt: str,
     finally:
         board.close()
         prog.stop()
+
+
+def _storage_failed(cause: str) -> JobError:
+    """The job's one line when writing its output failed (a batch's part or the driver's own)."""
+    return JobError(f"{cause}; the rows done are committed: fix the storage and rerun with "
+                    "--resume")
 
 
 def _start_ray(prog: Progress, debug: bool) -> PhaseBoard:

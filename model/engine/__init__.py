@@ -40,6 +40,7 @@ from model.engine.results import Generation
 from model.engine.scheduler import expected_programs, generate, plan_programs
 from model.engine.stream import Request, Stream, StreamEngine
 
-__all__ = ["Automaton", "Format", "FormatError", "compile_format", "Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
-           "Request", "Stream", "StreamEngine",
+__all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
+           "Request", "Stream", "StreamEngine", "Automaton", "Format", "FormatError",
+           "compile_format",
            "DEFAULT_BUCKETS", "CompileLog", "RowSettings", "enable_compile_cache"]

@@ -146,18 +146,15 @@ def compile_format(fmt: Format, tokenizer: Any, vocab_size: int, stop_ids: Seque
             f"the {budget_bytes >> 20} MiB bound; simplify it (fewer fields, shorter patterns, "
             "bounded repeats)")
     dense = np.full((n_states, vocab_size), -1, np.int32)
-    finals = {ids[s] for s in index.get_final_states() if s in ids}
     for s, moves in transitions.items():
         toks = np.fromiter(moves.keys(), np.int64, len(moves))
         nxt = np.fromiter((ids[n] for n in moves.values()), np.int32, len(moves))
         keep = toks < vocab_size
         dense[ids[s], toks[keep]] = nxt[keep]
     final = np.zeros((n_states,), bool)
-    final[sorted(finals)] = True
-    for s in np.flatnonzero(final):  # every stop token ends a complete row, and only those
-        dense[s, stops] = s
-    for s in np.flatnonzero(~final):
-        dense[s, stops] = -1
+    final[[ids[s] for s in index.get_final_states() if s in ids]] = True
+    # Every stop token ends a complete row (keeping its state), and only a complete one.
+    dense[:, stops] = np.where(final, np.arange(n_states, dtype=np.int32), -1)[:, None]
     uniq, inverse = np.unique(dense.T, axis=0, return_inverse=True)
     return Automaton(regex=pattern, token_class=inverse.reshape(-1).astype(np.int32),
                      next_sc=np.ascontiguousarray(uniq.T, dtype=np.int32), final=final)

@@ -20,8 +20,8 @@ import numpy as np
 from model import sharding
 from model.config import ModelConfig
 from model.engine import sampling
-from model.engine.constrain import Automaton, advance, mask_to_format
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
+from model.engine.constrain import Automaton, advance, mask_to_format
 from model.engine.rows import (batch_axes, copy_prefix, deactivate, put_rows, resize,
                                state_dtype, take_rows)
 from model.family import Family, Params, State
