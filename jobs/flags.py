@@ -34,7 +34,7 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input", nargs="+", metavar="URL",
                    help="Parquet input: directory, glob or files (gs://, s3://, file://, path)")
     g.add_argument("--output", metavar="URL", help="output directory")
-    g.add_argument("--task", choices=["summarize", "answer", "raw"])
+    g.add_argument("--task", choices=["summarize", "answer", "raw", "extract"])
     g.add_argument("--model",
                    help=f"preset name, HF directory or .gguf file (default {DEFAULT_MODEL})")
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
@@ -46,7 +46,9 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column")
     g.add_argument("--question-column")
     g.add_argument("--context-column")
-    g.add_argument("--instruction", help="summarize: replaces the default instruction")
+    g.add_argument("--instruction",
+                   help="summarize: replaces the default instruction; extract, answer, raw: "
+                        "comes before the text")
     g.add_argument("--summary-words", type=int)
     g.add_argument("--max-prompt-tokens", type=int)
     g.add_argument("--long-document", choices=["error", "truncate"])
@@ -59,6 +61,17 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh", type=_mesh, metavar="DxM",
                    help="each actor's device mesh: D data x M model devices (default: chosen "
                         "from the actor's devices and the model's size)")
+    f = p.add_argument_group("output format (one of; default: free text)")
+    f.add_argument("--json-schema", metavar="FILE", dest="format_json_schema",
+                   help="every output is JSON valid under this JSON Schema (a .json or .yaml "
+                        "file); adds a typed `parsed` column")
+    f.add_argument("--regex", metavar="PATTERN", dest="format_regex",
+                   help="every output matches this regular expression")
+    f.add_argument("--choices", nargs="+", metavar="LABEL", dest="format_choices",
+                   help="every output is one of these labels (classification); adds `choice`")
+    f.add_argument("--logprobs", action="store_true", default=None,
+                   help="add mean_logprob and min_logprob per row (and choice_probs with "
+                        "--choices)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int)
     s.add_argument("--temperature", type=float)
@@ -118,6 +131,27 @@ def _mesh(text: str) -> dict[str, int]:
     return {"data": int(parts[0]), "model": int(parts[1])}
 
 
+def _format_from_flags(args: argparse.Namespace, where: str) -> dict[str, Any] | None:
+    """`output_format` from --json-schema / --regex / --choices (None when none is given)."""
+    given = {k: getattr(args, f"format_{k}", None) for k in ("json_schema", "regex", "choices")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        raise SpecError(f"{where}: --json-schema, --regex and --choices exclude each other; "
+                        "give one")
+    if "regex" in given:
+        return {"type": "regex", "pattern": given["regex"]}
+    if "choices" in given:
+        return {"type": "choice", "choices": given["choices"]}
+    if "json_schema" in given:
+        path = given["json_schema"]
+        try:
+            schema = load_spec_file(path)
+        except SpecError as e:
+            raise SpecError(str(e).replace("spec file", "--json-schema file")) from None
+        return {"type": "json", "schema": schema}
+    return None
+
+
 def section_of(dest: str) -> str | None:
     """Where a flag's value goes in the spec: "" (top level), a section name, or None."""
     for section, model in _SECTIONS.items():
@@ -149,6 +183,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         part[key] = value
         if key in ("min_actors", "max_actors"):
             part.setdefault("num_actors", None)  # asking for autoscaling drops the fixed size
+    fmt = _format_from_flags(args, where)
+    if fmt is not None:
+        data["output_format"] = fmt
     for required in ("input", "output"):
         if required not in data:
             raise SpecError(

@@ -14,7 +14,7 @@ import numpy as np
 
 from model import checkpoints, sharding
 from model.config import DEFAULT_MODEL, ModelConfig
-from model.engine import Engine, Generation, generate
+from model.engine import Engine, Generation, choice_probs, generate
 from model.family import Family, Params, family_of
 from model.tokenizer import Tokenizer
 
@@ -114,6 +114,17 @@ class Model:
             self.engine, self.encode_prompts(prompts), self.tokenizer,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop, **engine_kw)
+
+
+    def choice_probs(self, prompt: str | Sequence[int], choices: Sequence[str]) -> np.ndarray:
+        """float64 [C] summing to 1: the probability of each choice (a string, encoded without
+        BOS) as the continuation of `prompt`, from the model's logits, normalised over the
+        choices (model.engine.score)."""
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name} has no tokenizer; choices need one")
+        ids = [self.tokenizer.encode(str(c)) for c in choices]
+        return choice_probs(self.engine, self.encode_prompts([prompt])[0], ids,
+                            tuple(self.tokenizer.stop_ids))
 
 
 def _resolve_dtype(dtype: Any) -> Any:

@@ -57,7 +57,7 @@ def count_tokens(spec: JobSpec, plan: Plan, model: Any, limit: int = SAMPLE_ROWS
                  ) -> dict[str, Any]:
     """Prompt tokens of the rows to generate, built exactly as the actors build them."""
     rows, todo = sample_rows(spec, plan, limit)
-    builder, _stop = prompt_setup(model, GenSettings.of(spec, plan.output_schema()))
+    builder, _stop = prompt_setup(model, GenSettings.of(spec, plan))
     lengths, errors = [], 0
     for text, q, c in rows:
         p = builder.build(text, q, c)
@@ -137,7 +137,7 @@ def estimate(spec: JobSpec, plan: Plan, *, calibrate: bool = False, sample: int 
         if not picked:
             raise ValueError("no row with text to calibrate on")
         entry = calibration.calibrate_on_ray(
-            spec, GenSettings.of(spec, plan.output_schema()), picked, ray_start_s)
+            spec, GenSettings.of(spec, plan), picked, ray_start_s)
     else:
         entry = calibration.lookup(spec.model, spec.dtype or "default", spec.batch_size,
                                    r.accelerator, r.accelerator_type)

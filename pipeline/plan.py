@@ -41,7 +41,10 @@ class Plan:
     increment: Any = None  # pipeline.ledger.Increment of an incremental run
     id_column: str | None = None  # the input's id column (None: ids derived from shard and row)
     param_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # setting -> column
+    output_format: Any = None  # pipeline.formats.JobFormat (None: text, no extra columns)
 
     def output_schema(self) -> pa.Schema:
+        """id, the contract columns, the output format's columns, then the carried ones."""
         fields = [pa.field("id", self.id_type)] + [pa.field(n, t) for n, t in CONTRACT_FIELDS]
-        return pa.schema(fields + list(self.carry_schema))
+        extra = self.output_format.fields() if self.output_format is not None else []
+        return pa.schema(fields + extra + list(self.carry_schema))

@@ -71,12 +71,14 @@ class GenSettings:
     slots: int = 32  # rows decoding at once per actor
     params: tuple[str, ...] = ()  # per-row settings the batches carry (row_params.PARAMS)
     lease: str | None = None  # the run's lease token: parts are written only while it is live
+    output_format: Any = None  # pipeline.formats.JobFormat (compiled once, in preflight)
 
     @classmethod
-    def of(cls, spec: JobSpec, schema: pa.Schema, phase_board: str | None = None,
+    def of(cls, spec: JobSpec, plan: Any, phase_board: str | None = None,
            output: str | None = None, params: tuple[str, ...] = (),
            lease: str | None = None) -> "GenSettings":
-        s = spec.sampling
+        """The settings of a job's actors, from its spec and preflight `Plan`."""
+        s, schema = spec.sampling, plan.output_schema()
         return cls(
             model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
             instruction=spec.instruction, summary_words=spec.summary_words,
@@ -84,7 +86,8 @@ class GenSettings:
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
             mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board,
-            output=output, slots=spec.batch_size, params=params, lease=lease)
+            output=output, slots=spec.batch_size, params=params, lease=lease,
+            output_format=plan.output_format)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -114,13 +117,16 @@ def prompt_setup(model: Any, settings: GenSettings) -> tuple[PromptBuilder, list
         raise RuntimeError(
             f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
             f"model's context of {cfg.max_seq_len} tokens")
-    fmt_used = model.prompt_format
+    fmt_used, out_fmt = model.prompt_format, settings.output_format
     builder = PromptBuilder(
         PromptSettings(settings.task, fmt_used, limit, settings.long_document,
-                       settings.instruction, settings.summary_words),
+                       settings.instruction, settings.summary_words,
+                       out_fmt.hint() if out_fmt is not None else None),
         model.tokenizer,
     )
-    stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task)
+    constrained = out_fmt is not None and out_fmt.constrained
+    stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task,
+                                                                  constrained)
     return builder, stop
 
 
@@ -141,6 +147,7 @@ class Work:
     errors: list[tuple[str, str] | None]
     results: list[Any]
     t0: float
+    choice_probs: dict[int, Any] = dataclasses.field(default_factory=dict)  # row -> [C]
 
 
 class Predictor:
@@ -159,6 +166,12 @@ class Predictor:
                                 mesh_shape=settings.mesh)
         self.load_s = time.perf_counter() - t0
         self.builder, self.stop = prompt_setup(self.model, settings)
+        self.fmt = fmt = settings.output_format  # pipeline.formats.JobFormat or None
+        self.gen_kw = {"output_format": fmt.automaton if fmt is not None else None,
+                       "logprobs": bool(fmt is not None and fmt.logprobs)}
+        self._choice_ids = None
+        if fmt is not None and fmt.kind == "choice" and fmt.logprobs:
+            self._choice_ids = [self.model.tokenizer.encode(fmt.lead + c) for c in fmt.spec]
         self.model_name = settings.model
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         info = self.model.info
@@ -233,6 +246,8 @@ class Predictor:
         n = work.batch.num_rows
         out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
                                                 "prompt_tokens", "output_tokens", "truncated")}
+        extra = [f.name for f in self.fmt.fields()] if self.fmt is not None else []
+        out.update({k: [None] * n for k in extra})
         for i in range(n):
             g, err, p = work.results[i], work.errors[i], work.prompts[i]
             if err is not None or g is None:
@@ -243,6 +258,10 @@ class Predictor:
                 text = g.text.rstrip("\ufffd") if g.finish_reason == "length" else g.text
                 row = (text, g.finish_reason, None, None, int(g.prompt_tokens),
                        int(g.output_tokens))
+                if self.fmt is not None:
+                    row, values = self._formatted(work, i, g, row)
+                    for k, v in values.items():
+                        out[k][i] = v
             for k, v in zip(("output", "finish_reason", "error", "error_kind", "prompt_tokens",
                              "output_tokens"), row):
                 out[k].append(v)
@@ -253,6 +272,36 @@ class Predictor:
         record = parts.batch_record(table, name, self.actor, time.time(), latency,
                                     self._work_since_last())
         return table, record
+
+    def _formatted(self, work: Work, i: int, g: Any, row: tuple) -> tuple[tuple, dict]:
+        """A generated row through the output format (pipeline/formats.py): (its row, or an
+        error row, and the values of the format's columns)."""
+        probs = work.choice_probs.get(i)
+        text, values, err = self.fmt.row(
+            row[0], g.complete, g.logprobs, g.output_tokens, work.requests[i].max_new_tokens,
+            (lambda: probs) if probs is not None else None)
+        if err is not None:
+            return (text if err[0] == "parse" else None, "error", err[1], err[0], row[4],
+                    row[5]), values
+        return (text, *row[1:]), values
+
+    def _score_choices(self, work: Work) -> None:
+        """choice_probs of the generated rows (choice format with logprobs), from the logits."""
+        from model.engine import choice_probs
+
+        if self._choice_ids is None:
+            return
+        stops = tuple(self.model.tokenizer.stop_ids)
+        for i, g in enumerate(work.results):
+            if g is None or work.errors[i] is not None or not g.complete:
+                continue
+            try:
+                work.choice_probs[i] = choice_probs(self.model.engine, work.prompts[i].ids,
+                                                    self._choice_ids, stops)
+            except Exception as e:  # noqa: BLE001 - a row's failure is data
+                if is_fatal(e):
+                    raise
+                work.errors[i] = ("generation", f"scoring the choices failed: {_short(e)}")
 
     def _commit(self, work: Work) -> pa.Table:
         from pipeline import parts
@@ -273,6 +322,7 @@ class Predictor:
         stop_watch = self._watch_first_compiles([len(work.requests[i].prompt) for i in todo])
         try:
             self._run_closed(work, todo)
+            self._score_choices(work)
         finally:
             stop_watch()
 
@@ -291,7 +341,8 @@ class Predictor:
             gens = self.model.generate(
                 [r.prompt for r in reqs], stop=list(stops.pop()), row_ids=col.pop("row_id"),
                 max_batch=max(1, min(len(reqs), self.s.slots,
-                                     self.model.engine.buckets.max_batch)), **col)
+                                     self.model.engine.buckets.max_batch)), **col,
+                **self.gen_kw)
             for i, g in zip(todo, gens):
                 work.results[i] = g
         except Exception as e:  # noqa: BLE001
@@ -349,8 +400,11 @@ class StreamingPredictor(Predictor):
             self._engine = StreamEngine(
                 self.model.engine, tok, max_batch=max(1, min(self.s.slots,
                                                              self.model.engine.buckets.max_batch)),
-                stop_token_ids=tuple(tok.stop_ids), stop_strings=tuple(self.stop or ()))
+                stop_token_ids=tuple(tok.stop_ids), stop_strings=tuple(self.stop or ()),
+                **self.gen_kw)
         await self._run(work, todo, retry=True)
+        if self._choice_ids is not None:  # on the engine's thread, between its decode calls
+            await asyncio.wrap_future(self._engine.call(lambda: self._score_choices(work)))
         if self._stop_watch is not None:
             self._stop_watch, stop = None, self._stop_watch
             stop()

@@ -96,6 +96,9 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     plan."""
     check_model_source(spec.model)
     check_placement(spec)
+    from pipeline.formats import compile_job_format
+
+    fmt = compile_job_format(spec)  # a format too large or invalid is refused here
     out = OutputDir(spec.output)
     mode = out.mode(overwrite=spec.overwrite, resume=spec.resume)
     if mode != "finished":
@@ -183,7 +186,7 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     if id_chunks:
         _check_unique(idc, id_chunks)
     id_type = pa.int64() if id_types == {"int"} else pa.string()
-    carry, carry_schema = _carry(spec, schemas, idc)
+    carry, carry_schema = _carry(spec, schemas, idc, {f.name for f in fmt.fields()})
     read_cols = ([idc] if idc else []) + needed + [c for c in carry if c not in needed and c != idc]
     from pipeline.row_params import param_columns
 
@@ -191,7 +194,7 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
                            sorted({n for sch in schemas for n in sch.names}))
     read_cols += [c for c in params.values() if c not in read_cols]
     plan = Plan(shards, units, total, id_type, idc is None, read_cols, carry, carry_schema,
-                id_column=idc, param_columns=params)
+                id_column=idc, param_columns=params, output_format=fmt)
     if spec.incremental is not None:  # only rows no earlier run produced (pipeline/ledger.py)
         from pipeline.ledger import plan_increment
 
@@ -236,9 +239,10 @@ def _check_unique(idc: str, chunks: list[tuple[Shard, pa.ChunkedArray]]) -> None
         )
 
 
-def _carry(spec: JobSpec, schemas: list[pa.Schema],
-           idc: str | None) -> tuple[dict[str, str], pa.Schema]:
-    """Input columns copied to the output, renamed when they collide with output columns."""
+def _carry(spec: JobSpec, schemas: list[pa.Schema], idc: str | None,
+           format_columns: set[str]) -> tuple[dict[str, str], pa.Schema]:
+    """Input columns copied to the output, renamed (`input_<name>`) when they collide with
+    output columns (the contract's and the output format's)."""
     if not schemas:
         return {}, pa.schema([])
     try:
@@ -259,7 +263,7 @@ def _carry(spec: JobSpec, schemas: list[pa.Schema],
     fields = []
     for n in names:
         out_name = n
-        while out_name in RESERVED or out_name in carry.values():
+        while out_name in RESERVED or out_name in format_columns or out_name in carry.values():
             out_name = f"input_{out_name}"
         carry[n] = out_name
         t = unified.field(n).type

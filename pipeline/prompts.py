@@ -1,8 +1,12 @@
-"""Prompt templates per task (summarize, answer, raw) and checkpoint kind (chat, completion).
+"""Prompt templates per task (summarize, answer, raw, extract) and checkpoint kind (chat,
+completion).
 
 Instruction-tuned checkpoints get Gemma's turn format; base checkpoints get a few-shot completion
 frame ("Text: ... Summary: ...") that a small base model continues well. User text is always
 encoded as plain text: control tokens a user types stay text; only our template inserts them.
+A job's `instruction` leads every task's prompt (summarize: it replaces the default one); with an
+output format, the prompt also says what the output must look like (`format_hint`: for a JSON
+schema, its fields and their types).
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ _ANSWER_SHOT = (
 class PromptSettings:
     """Everything that shapes a prompt, independent of the row."""
 
-    task: Literal["summarize", "answer", "raw"]
+    task: Literal["summarize", "answer", "raw", "extract"]
     prompt_format: PromptFormat
     max_prompt_tokens: int
     long_document: Literal["error", "truncate"] = "error"
     instruction: str | None = None
     summary_words: int | None = None
+    format_hint: str | None = None  # what the output must look like (pipeline/formats.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +99,10 @@ def clean_text(value: object) -> str | None:
     return _CONTROL.sub("", str(value))
 
 
-def default_stop(fmt: PromptFormat, task: str) -> list[str] | None:
-    """Stop strings a format needs beyond the tokenizer's stop ids."""
-    if fmt == "completion" and task in ("summarize", "answer"):
+def default_stop(fmt: PromptFormat, task: str, constrained: bool = False) -> list[str] | None:
+    """Stop strings a format needs beyond the tokenizer's stop ids (none when an output format
+    decides where a row ends)."""
+    if fmt == "completion" and task in ("summarize", "answer", "extract") and not constrained:
         return ["\n"]
     return None
 
@@ -111,27 +117,45 @@ class PromptBuilder:
     def _instruction(self) -> str:
         if self.s.instruction:
             return self.s.instruction.strip()
+        if self.s.task == "extract":
+            return "Extract the requested information from the text."
         length = (
             f" in about {self.s.summary_words} words" if self.s.summary_words else
             " in one or two sentences"
         )
         return f"Summarize the following text{length}, in the language of the text."
 
+    def _head(self) -> str:
+        """The lines before a task's own frame: the job's instruction (tasks other than
+        summarize and extract, which place it themselves) and the format hint."""
+        own = self.s.task in ("summarize", "extract")
+        lines = [self.s.instruction.strip()] if self.s.instruction and not own else []
+        if self.s.format_hint:
+            lines.append(self.s.format_hint)
+        return "".join(line + "\n" for line in lines)
+
     def _segments(self, text: str, question: str | None, context: str | None) -> list[_Seg]:
-        task, fmt = self.s.task, self.s.prompt_format
+        task, fmt, head = self.s.task, self.s.prompt_format, self._head()
         if task == "raw":
             if fmt == "chat":
-                return [_Seg("<start_of_turn>user\n"), _Seg(text, True, True),
+                return [_Seg("<start_of_turn>user\n" + head + ("\n" if head else "")),
+                        _Seg(text, True, True), _Seg("<end_of_turn>\n<start_of_turn>model\n")]
+            return [_Seg(head + ("\n" if head else "")), _Seg(text, True, True)]
+        if task == "extract":
+            ask = self._instruction() + "\n" + head
+            if fmt == "chat":
+                return [_Seg(f"<start_of_turn>user\n{ask}\n"), _Seg(text, True, True),
                         _Seg("<end_of_turn>\n<start_of_turn>model\n")]
-            return [_Seg(text, True, True)]
+            return [_Seg(f"{ask}\nText: "), _Seg(" ".join(text.split()), True, True),
+                    _Seg("\nAnswer:")]
         if task == "summarize":
             if fmt == "chat":
-                return [_Seg(f"<start_of_turn>user\n{self._instruction()}\n\n"),
+                return [_Seg(f"<start_of_turn>user\n{self._instruction()}\n{head}\n"),
                         _Seg(text, True, True),
                         _Seg("<end_of_turn>\n<start_of_turn>model\n")]
-            head = ""
             if self.s.instruction or self.s.summary_words:
-                head = self._instruction() + "\n\n"
+                head = self._instruction() + "\n" + head
+            head += "\n" if head else ""
             # "###" between examples: without it the 270M base model tends to repeat the first
             # example for scripts it saw little of (Arabic, Japanese, Swahili were measured).
             shots = "".join(f"Text: {t}\nSummary: {s}\n###\n" for t, s in _SUMMARY_SHOTS)
@@ -140,13 +164,14 @@ class PromptBuilder:
         # answer: the text column is the context unless a separate context column is given.
         ctx = context if context is not None else text
         if fmt == "chat":
-            segs = [_Seg("<start_of_turn>user\nAnswer the question using the context.\n\n"
-                         "Context:\n")]
+            segs = [_Seg(f"<start_of_turn>user\n{head}Answer the question using the context."
+                         "\n\nContext:\n")]
             segs += [_Seg(ctx, True, True), _Seg("\n\nQuestion: "), _Seg(question or "", True),
                      _Seg("<end_of_turn>\n<start_of_turn>model\n")]
             return segs
         c, q, a = _ANSWER_SHOT
-        return [_Seg(f"Context: {c}\nQuestion: {q}\nAnswer: {a}\n###\nContext: "),
+        return [_Seg(f"{head}{chr(10) if head else ''}Context: {c}\nQuestion: {q}\nAnswer: {a}"
+                     "\n###\nContext: "),
                 _Seg(" ".join(ctx.split()), True, True), _Seg("\nQuestion: "),
                 _Seg(" ".join((question or "").split()), True), _Seg("\nAnswer:")]
 

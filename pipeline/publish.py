@@ -181,6 +181,9 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         # Seconds the actors spent compiling programs inside their generate calls.
         "compile_s": round(sum(b.get("compile_s", 0.0) for b in c.batches), 3),
         "model": spec.model,
+        # The output format's automaton: states, token classes, device table bytes.
+        **({"output_format": plan.output_format.info}
+           if plan.output_format is not None and plan.output_format.info else {}),
         **_placement(a.placements),
         "output_files": c.names,
         "errors_file": OutputDir.ERRORS,

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from model.config import DEFAULT_MODEL
 from pipeline.errors import InputError
 
-Task = Literal["summarize", "answer", "raw"]
+Task = Literal["summarize", "answer", "raw", "extract"]
 DEFAULT_ID_COLUMN = "id"  # an input column with this name is the id unless the spec says else
 # Spec fields that must match for --resume to continue a run.
 _SHAPING = ("input", "task", "model", "id_column", "text_column", "question_column",
-            "context_column", "prompt_format", "instruction", "summary_words", "sampling_columns")
+            "context_column", "prompt_format", "instruction", "summary_words", "sampling_columns",
+            "output_format", "logprobs")
 
 
 class SpecError(InputError):
@@ -41,6 +42,63 @@ class SamplingSpec(BaseModel):
 
 
 SamplingColumn = Literal["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"]
+
+
+class OutputFormatSpec(BaseModel):
+    """What each row's output must look like: free text, JSON matching a schema, a regex, or
+    one of a list of choices (decoding is constrained to it; pipeline/formats.py)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json", "regex", "choice"] = Field(
+        "text", description="text (free), json (with schema), regex (with pattern) or choice "
+                            "(with choices).")
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="json: a JSON Schema (objects, strings, integers, "
+                                          "numbers, booleans, enums, arrays, nesting).")
+    pattern: str | None = Field(None, description="regex: the pattern every output matches.")
+    choices: list[str] | None = Field(None, description="choice: the labels, at least two.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v != "text":
+                raise ValueError(f"{v!r} is not a format; use text, or a mapping with type "
+                                 "json/regex/choice")
+            return {"type": "text"}
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> "OutputFormatSpec":
+        want = {"json": "schema", "regex": "pattern", "choice": "choices"}
+        given = {"schema": self.json_schema is not None, "pattern": self.pattern is not None,
+                 "choices": self.choices is not None}
+        need = want.get(self.type)
+        if need and not given[need]:
+            raise ValueError(f"a {self.type} format needs {need}")
+        extra = [k for k, on in given.items() if on and k != need]
+        if extra:
+            raise ValueError(f"{extra[0]} does not apply to a {self.type} format")
+        if self.type == "choice":
+            ch = self.choices or []
+            if len(ch) < 2 or any(not c.strip() for c in ch) or len(set(ch)) != len(ch):
+                raise ValueError("choices needs at least two distinct, non-empty labels")
+        if self.type == "json":
+            from jsonschema import Draft202012Validator, SchemaError
+
+            try:
+                Draft202012Validator.check_schema(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"schema is not a valid JSON Schema: {e.message}") from None
+        if self.type == "regex":
+            import re
+
+            try:
+                re.compile(self.pattern or "")
+            except re.error as e:
+                raise ValueError(f"pattern is not a valid regex: {e}") from None
+        return self
 
 
 class MeshSpec(BaseModel):
@@ -161,7 +219,8 @@ class JobSpec(BaseModel):
         None, description="answer task: optional column holding extra context."
     )
     instruction: str | None = Field(
-        None, description="summarize: replaces the default instruction."
+        None, description="summarize: replaces the default instruction; extract, answer, raw: "
+                          "comes before the text (extract: what to extract or classify)."
     )
     summary_words: int | None = Field(
         None, ge=1, le=2000, description="summarize: ask for about this many words."
@@ -178,6 +237,13 @@ class JobSpec(BaseModel):
     mesh: MeshSpec | None = Field(
         None, description="Each actor's device mesh {data, model}; None = chosen from its "
                           "device count and the model's size (data parallel when it fits one).")
+    output_format: OutputFormatSpec = Field(
+        default_factory=OutputFormatSpec,
+        description="text (default), {type: json, schema: {...}}, {type: regex, pattern: ...} "
+                    "or {type: choice, choices: [...]}: every output matches it.")
+    logprobs: bool = Field(
+        False, description="Add mean_logprob and min_logprob of each row's generated tokens "
+                           "(and choice_probs for a choice format).")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Actor pool.")
     batch_size: int = Field(

@@ -164,7 +164,7 @@ def _batches(spec: JobSpec, plan: Plan, out: OutputDir, debug: bool,
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         # Workers write the parts; a memory:// output lives in this process only.
         where = None if out.url.startswith("memory://") else out.fs.unstrip_protocol(out.path)
-        gs = GenSettings.of(spec, plan.output_schema(), phase_board, where,
+        gs = GenSettings.of(spec, plan, phase_board, where,
                             tuple(plan.param_columns), lease)
         stream = spec.batching == "stream"
         ds = ds.map_batches(StreamingPredictor if stream else ClosedPredictor,

@@ -38,9 +38,10 @@ from model.engine.constrain import Automaton, Format, FormatError, compile_forma
 from model.engine.programs import Engine, RowSettings
 from model.engine.results import Generation
 from model.engine.scheduler import expected_programs, generate, plan_programs
+from model.engine.score import choice_probs, continuation_logprobs
 from model.engine.stream import Request, Stream, StreamEngine
 
 __all__ = ["Engine", "Generation", "generate", "plan_programs", "expected_programs", "Buckets",
            "Request", "Stream", "StreamEngine", "Automaton", "Format", "FormatError",
-           "compile_format",
+           "compile_format", "choice_probs", "continuation_logprobs",
            "DEFAULT_BUCKETS", "CompileLog", "RowSettings", "enable_compile_cache"]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TABLE_BUDGET_BYTES = 256 << 20  # the [S, V] table built on the host, at most
+TABLE_BUDGET_BYTES = 64 << 20  # device tables (token_class + next_sc + final), at most
 _REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -39,13 +39,17 @@ class FormatError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Format:
     """An output format: `kind` json (`spec` a JSON Schema dict), regex (a pattern) or choice
-    (a list of strings)."""
+    (a list of strings); `prefix`: a regex the output may begin with (e.g. " ?")."""
 
     kind: Literal["json", "regex", "choice"]
     spec: Any
+    prefix: str = ""
 
     def regex(self) -> str:
         """The format as a regex (outlines-core's dialect)."""
+        return f"{self.prefix}({self._body()})" if self.prefix else self._body()
+
+    def _body(self) -> str:
         if self.kind == "regex":
             return str(self.spec)
         if self.kind == "choice":
@@ -117,7 +121,7 @@ class Automaton:
 def compile_format(fmt: Format, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int],
                    budget_bytes: int = TABLE_BUDGET_BYTES) -> Automaton:
     """The format's `Automaton` over this vocabulary; FormatError when the pattern or schema
-    is invalid, or its tables would exceed `budget_bytes` on the host."""
+    is invalid, or its device tables would exceed `budget_bytes`."""
     from outlines_core import Index, Vocabulary
 
     stops = sorted({int(s) for s in stop_ids if 0 <= int(s) < vocab_size})
@@ -138,26 +142,47 @@ def compile_format(fmt: Format, tokenizer: Any, vocab_size: int, stop_ids: Seque
     order = [start] + sorted(s for s in transitions if s != start)
     order += sorted({n for m in transitions.values() for n in m.values()} - set(order))
     ids = {s: k for k, s in enumerate(order)}
-    n_states = len(order)
-    if n_states * vocab_size * 4 > budget_bytes:
-        raise FormatError(
-            f"the {fmt.kind} format has {n_states} automaton states: its tables would need "
-            f"{n_states * vocab_size * 4 >> 20} MiB over the {vocab_size}-token vocabulary, over "
-            f"the {budget_bytes >> 20} MiB bound; simplify it (fewer fields, shorter patterns, "
-            "bounded repeats)")
-    dense = np.full((n_states, vocab_size), -1, np.int32)
-    for s, moves in transitions.items():
-        toks = np.fromiter(moves.keys(), np.int64, len(moves))
-        nxt = np.fromiter((ids[n] for n in moves.values()), np.int32, len(moves))
-        keep = toks < vocab_size
-        dense[ids[s], toks[keep]] = nxt[keep]
-    final = np.zeros((n_states,), bool)
+    n = len(order)
+    final = np.zeros((n,), bool)
     final[[ids[s] for s in index.get_final_states() if s in ids]] = True
     # Every stop token ends a complete row (keeping its state), and only a complete one.
-    dense[:, stops] = np.where(final, np.arange(n_states, dtype=np.int32), -1)[:, None]
-    uniq, inverse = np.unique(dense.T, axis=0, return_inverse=True)
-    return Automaton(regex=pattern, token_class=inverse.reshape(-1).astype(np.int32),
-                     next_sc=np.ascontiguousarray(uniq.T, dtype=np.int32), final=final)
+    stay = np.where(final, np.arange(n, dtype=np.int32), -1)
+    rows = []  # per state: (tokens [M], next states [M])
+    for k, s in enumerate(order):
+        moves = transitions.get(s, {})
+        toks = np.fromiter(moves.keys(), np.int64, len(moves))
+        nxt = np.fromiter((ids[m] for m in moves.values()), np.int32, len(moves))
+        keep = (toks < vocab_size) & ~np.isin(toks, stops)
+        toks, nxt = toks[keep], nxt[keep]
+        if stay[k] >= 0:
+            toks = np.concatenate([toks, np.asarray(stops, np.int64)])
+            nxt = np.concatenate([nxt, np.full((len(stops),), stay[k], np.int32)])
+        rows.append((toks, nxt))
+    # Token classes: tokens whose next state is the same in every state. A 64-bit hash of each
+    # token's column over the states (O(V) memory however many states), checked exactly below.
+    h = np.zeros((vocab_size,), np.uint64)
+    with np.errstate(over="ignore"):
+        for toks, nxt in rows:
+            h = h * np.uint64(0x100000001B3) + np.uint64(1)
+            h[toks] += (nxt + 1).astype(np.uint64)
+    _, token_class = np.unique(h, return_inverse=True)
+    token_class = token_class.reshape(-1).astype(np.int32)
+    c = int(token_class.max()) + 1
+    need = vocab_size * 4 + n * c * 4 + n
+    if need > budget_bytes:
+        raise FormatError(
+            f"the {fmt.kind} format has {n} automaton states and {c} token classes: its tables "
+            f"would need {need / 2**20:.1f} MiB, over the {budget_bytes / 2**20:.0f} MiB bound; "
+            "simplify it (fewer fields, shorter patterns, bounded repeats)")
+    next_sc = np.full((n, c), -1, np.int32)
+    size = np.bincount(token_class, minlength=c)
+    for k, (toks, nxt) in enumerate(rows):
+        next_sc[k, token_class[toks]] = nxt
+        # The hash is exact unless two columns collided: every token of a class moves alike.
+        if (np.any(next_sc[k, token_class[toks]] != nxt)
+                or size[next_sc[k] >= 0].sum() != len(toks)):
+            raise FormatError("token classes collided while compiling the format; please report")
+    return Automaton(regex=pattern, token_class=token_class, next_sc=next_sc, final=final)
 
 
 def mask_to_format(logits: jax.Array, vocab_major: bool, fsm_b: jax.Array,

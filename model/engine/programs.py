@@ -57,6 +57,7 @@ class Slots(NamedTuple):
     settings: RowSettings  # each [B]
     out: Array  # int32 [B, O]: generated tokens, out[b, :n_out[b]]
     fsm: Array  # int32: the output format's automaton state (constrain.py; 0 = its start)
+    logp: Array  # float32 [B, O]: log-probability of each generated token (when asked for)
 
 
 class NewRows(NamedTuple):
@@ -80,7 +81,8 @@ def empty_slots(b: int, out_len: int) -> Slots:
                  pos=jnp.zeros((b,), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
                  settings=RowSettings(*(jnp.full((b,), v, dt)
                                         for v, dt in zip(ROW_PAD, ROW_DTYPES))),
-                 out=jnp.zeros((b, out_len), jnp.int32), fsm=jnp.zeros((b,), jnp.int32))
+                 out=jnp.zeros((b, out_len), jnp.int32), fsm=jnp.zeros((b,), jnp.int32),
+                 logp=jnp.zeros((b, out_len), jnp.float32))
 
 
 def _keep(state: State) -> State:
@@ -154,7 +156,7 @@ def vocab_major_head(params: Params, b: int) -> bool:
 
 def decode_program(family: Family, cfg: ModelConfig,
                    constrain: Callable[[State], State] = _keep,
-                   formatted: bool = False) -> Callable:
+                   formatted: bool = False, logprobs: bool = False) -> Callable:
     """(params, state, slots, stop ids [S], max_steps, min_free, token_class [V], next_sc
     [S', C]) -> (state, slots, steps, busy).
 
@@ -163,7 +165,8 @@ def decode_program(family: Family, cfg: ModelConfig,
     active slots summed over the steps (slot occupancy). `constrain` pins the state's layout in
     the loop (a sharding constraint on a mesh; identity otherwise). `formatted` (static): each
     row's logits are masked to its automaton state's tokens, and its state follows the token
-    picked (constrain.py's tables; unread otherwise).
+    picked (constrain.py's tables; unread otherwise). `logprobs` (static): each token's
+    log-probability under the raw logits goes to `slots.logp`.
     """
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
@@ -186,7 +189,7 @@ def decode_program(family: Family, cfg: ModelConfig,
             logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
                                         vocab_major=vocab_major)
             keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
-            logits = logits if vocab_major else logits[:, 0]
+            logits = raw = logits if vocab_major else logits[:, 0]
             if formatted:
                 logits, next_bc = mask_to_format(logits, vocab_major, sl.fsm, token_class_v,
                                                  next_sc)
@@ -195,6 +198,9 @@ def decode_program(family: Family, cfg: ModelConfig,
             fsm_b = advance(next_bc, token_class_v, nxt_b, act_b, sl.fsm) if formatted else sl.fsm
             write_b = jnp.where(act_b, sl.n_out, out_len)  # out of range: dropped
             out = sl.out.at[rows_b, write_b].set(nxt_b, mode="drop")
+            if logprobs:
+                sl = sl._replace(logp=sl.logp.at[rows_b, write_b].set(
+                    sampling.token_logprob(raw, nxt_b, vocab_major), mode="drop"))
             n_out = sl.n_out + act_b
             hit_stop_b = jnp.any(nxt_b[:, None] == stop_ids_s[None, :], axis=-1)
             finished_b = act_b & (hit_stop_b | (n_out >= rs.max_new))
@@ -368,10 +374,11 @@ class Engine:
         return fn(*args)
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
-               min_free: int, length: int, tables: tuple[Array, Array] | None = None
-               ) -> tuple[State, Slots, Array, Array]:
+               min_free: int, length: int, tables: tuple[Array, Array] | None = None,
+               logprobs: bool = False) -> tuple[State, Slots, Array, Array]:
         """Runs the decode loop (see `decode_program`) over a state of cache length L;
-        `tables`: an output format's (token_class [V], next_sc [S, C]) (`format_tables`)."""
+        `tables`: an output format's (token_class [V], next_sc [S, C]) (`format_tables`);
+        `logprobs`: record each token's log-probability in `slots.logp`."""
         b, o = slots.out.shape
         formatted = tables is not None
         tables = tables or (self._put(np.zeros((1,), np.int32)),
@@ -386,10 +393,12 @@ class Engine:
             return (self._param_sh, st, sl, rep, rep, rep, rep, rep), (st, sl, rep, rep)
 
         fn = self.compile_log.get(
-            ("decode", b, length, o, len(stop_ids), shape), "decode",
-            f"B={b} L={length} S={len(stop_ids)}" + (f" format={shape}" if formatted else ""),
+            ("decode", b, length, o, len(stop_ids), shape, logprobs), "decode",
+            f"B={b} L={length} S={len(stop_ids)}" + (f" format={shape}" if formatted else "")
+            + (" logprobs" if logprobs else ""),
             lambda: self._compile(decode_program(self.family, self.cfg,
-                                                 self._constrain(b, length), formatted),
+                                                 self._constrain(b, length), formatted,
+                                                 logprobs),
                                   (1, 2), args, shardings))
         return fn(*args)
 

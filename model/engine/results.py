@@ -23,6 +23,8 @@ class Generation:
       prompt_tokens / output_tokens: token counts (output_tokens == len(tokens)).
       complete: with an output format, whether the text is a whole match of it (False: cut
         by max_new_tokens before the format was complete); None without one.
+      logprobs: with logprobs asked for, each of `tokens`' log-probability under the model's
+        raw logits (before temperature, filters or a format's mask); None otherwise.
     """
 
     tokens: list[int]
@@ -31,6 +33,7 @@ class Generation:
     prompt_tokens: int
     output_tokens: int
     complete: bool | None = None
+    logprobs: list[float] | None = None
 
 
 def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
@@ -86,8 +89,8 @@ def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def finish(row: Row, out: list[int], tokenizer: Any, stop_set: frozenset[int],
-            stop_strings: Sequence[str]) -> Generation:
-    """Builds a row's result from its raw generated ids."""
+           stop_strings: Sequence[str], logp: Sequence[float] | None = None) -> Generation:
+    """Builds a row's result from its raw generated ids (and their log-probabilities)."""
     reason = "length"
     if out and out[-1] in stop_set:
         out = out[:-1]
@@ -104,4 +107,5 @@ def finish(row: Row, out: list[int], tokenizer: Any, stop_set: frozenset[int],
                     break
             out, text, reason = out[:n], text[:cut], "stop"
     return Generation(tokens=[int(x) for x in out], text=text, finish_reason=reason,
-                      prompt_tokens=len(row.prompt), output_tokens=len(out))
+                      prompt_tokens=len(row.prompt), output_tokens=len(out),
+                      logprobs=None if logp is None else [float(x) for x in logp[:len(out)]])

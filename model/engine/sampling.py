@@ -148,6 +148,17 @@ def sample_rows(logits: Array, keys: Array, temperature: Array, top_k: Array,
     return jnp.where(sampling_b, sampled_b, greedy_b)
 
 
+def token_logprob(logits: Array, tok_b: Array, vocab_major: bool = False) -> Array:
+    """float32 [B]: log softmax(logits) at each row's token tok_b [B] (the model's own
+    probability of it: raw logits, before temperature, filters or a format's mask)."""
+    x = logits.astype(jnp.float32)
+    axis = 0 if vocab_major else -1
+    lse_b = jax.nn.logsumexp(x, axis=axis)
+    picked_b = (x[tok_b, jnp.arange(tok_b.shape[0])] if vocab_major
+                else jnp.take_along_axis(x, tok_b[:, None], axis=-1)[:, 0])
+    return picked_b - lse_b
+
+
 def _rows(value: float | int, logits: Array, dtype) -> Array:
     return jnp.full((logits.shape[0],), value, dtype)
 

@@ -106,7 +106,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
              stop_strings: Sequence[str] | None = None, max_batch: int = 16,
              refill_min: int | None = None, stop_check_every: int = 16,
              reuse_prefixes: bool = True,
-             output_format: Format | Automaton | None = None) -> list[Generation]:
+             output_format: Format | Automaton | None = None,
+             logprobs: bool = False) -> list[Generation]:
     """Generates a continuation for every prompt (token ids, BOS included), in input order.
 
     One `Stream` (stream.py) over all the rows: they fill up to `max_batch` decode slots,
@@ -132,6 +133,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
         shared by questions) once, keep it in the engine (`Engine.prefixes`), and start each
         row from a copy of its state; results are those of prefilling every row in full.
       output_format: constrain every row to a format (constrain.py; see `Stream`).
+      logprobs: give each `Generation` its tokens' log-probabilities.
     Returns:
       One `Generation` per prompt.
     """
@@ -149,7 +151,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
     stream = Stream(engine, tokenizer, max_batch=max_batch, stop_token_ids=stop_token_ids,
                     stop_strings=stop_strings or (), refill_min=refill_min or 1,
                     stop_check_every=stop_check_every, reuse_prefixes=reuse_prefixes,
-                    output_format=output_format)
+                    output_format=output_format, logprobs=logprobs)
     requests = [Request(prompts[i], *(int(columns["max_new_tokens"][i]),
                                       columns["temperature"][i], columns["top_k"][i],
                                       columns["top_p"][i], columns["seed"][i]),

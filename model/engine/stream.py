@@ -95,12 +95,14 @@ class Stream:
       output_format: every row's text matches this format (a `Format`, compiled here over the
         vocabulary with the stop ids, or an `Automaton`); stop ids end rows only where the
         format is complete. Each `Generation` says whether it is (`complete`).
+      logprobs: each `Generation` carries its tokens' log-probabilities (`logprobs`).
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, *, max_batch: int = 16,
                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                  refill_min: int = 1, stop_check_every: int = 16, poll_steps: int | None = None,
-                 reuse_prefixes: bool = True, output_format: Format | Automaton | None = None):
+                 reuse_prefixes: bool = True, output_format: Format | Automaton | None = None,
+                 logprobs: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = engine.cfg
@@ -114,6 +116,7 @@ class Stream:
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.refill_min, self.stop_check_every = max(1, refill_min), stop_check_every
         self.poll_steps, self.reuse_prefixes = poll_steps, reuse_prefixes
+        self.logprobs = logprobs
         self.stats = DecodeStats()
         # Waiting rows, a heap: longest budget first, then arrival (see `add`).
         self.waiting: list[tuple[int, int, Row]] = []
@@ -144,7 +147,8 @@ class Stream:
             keys.append(key)
             stop = self.stop_strings if req.stop is None else tuple(s for s in req.stop if s)
             if row.settings.max_new == 0:
-                on_done(key, Generation([], "", "length", len(row.prompt), 0))
+                on_done(key, Generation([], "", "length", len(row.prompt), 0,
+                                        logprobs=[] if self.logprobs else None))
                 continue
             self._stop[key], self._on_done[key] = stop, on_done
         todo = [r for r in rows if r.index in self._on_done]
@@ -206,15 +210,18 @@ class Stream:
         if not waiting and self.poll_steps:
             max_steps = min(max_steps, self.poll_steps)
         lane.state, lane.slots, steps, busy = self.engine.decode(
-            lane.state, lane.slots, table, max_steps, min_free, lane.length, self._tables)
-        active, n_out, out, fsm, steps, busy = jax.device_get(
-            (lane.slots.active, lane.slots.n_out, lane.slots.out, lane.slots.fsm, steps, busy))
+            lane.state, lane.slots, table, max_steps, min_free, lane.length, self._tables,
+            self.logprobs)
+        sl = lane.slots
+        active, n_out, out, fsm, logp, steps, busy = jax.device_get(
+            (sl.active, sl.n_out, sl.out, sl.fsm, sl.logp if self.logprobs else None, steps,
+             busy))
         for st in (self.stats, self.engine.decode_stats):  # this stream's, the engine's
             st.add(int(steps), int(busy), cap, bool(waiting))
-        return self._collect(lane, active, n_out, out, fsm)
+        return self._collect(lane, active, n_out, out, fsm, logp)
 
     def _collect(self, lane: "_Lane", active: np.ndarray, n_out: np.ndarray,
-                 out: np.ndarray, fsm: np.ndarray) -> int:
+                 out: np.ndarray, fsm: np.ndarray, logp: np.ndarray | None) -> int:
         kill = np.zeros((lane.b,), bool)
         done = 0
         for s, r in enumerate(lane.rows):
@@ -226,7 +233,8 @@ class Stream:
                 if not stop or first_stop(decode_text(self.tokenizer, ids), stop) < 0:
                     continue
                 kill[s] = True
-            gen = finish(r, ids, self.tokenizer, self.stop_set, stop)
+            gen = finish(r, ids, self.tokenizer, self.stop_set, stop,
+                         None if logp is None else logp[s, : n_out[s]])
             if self.automaton is not None:
                 gen = dataclasses.replace(gen, complete=bool(self.automaton.final[fsm[s]]))
             lane.rows[s] = None
@@ -299,7 +307,8 @@ class StreamEngine:
     """A `Stream` on its own thread: `submit` rows from any thread, get a future per row.
 
     A failed device call fails the rows in flight with its error (the stream restarts empty);
-    `close` stops the thread and fails the rows not done.
+    `close` stops the thread and fails the rows not done. `call` runs other work on the engine
+    (e.g. scoring) on the same thread, between decode calls.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, poll_steps: int = 16,
@@ -307,6 +316,7 @@ class StreamEngine:
         self.stream = Stream(engine, tokenizer, poll_steps=poll_steps, **stream_kw)
         self._lock = threading.Condition()
         self._inbox: list[tuple[list[Request], list[concurrent.futures.Future]]] = []
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="gemma-batch-engine",
@@ -325,6 +335,17 @@ class StreamEngine:
             self._lock.notify()
         return futures
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs `fn()` on the engine's thread between decode calls; its future gets the result
+        (or the exception)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._calls.append((fn, fut))
+            self._lock.notify()
+        return fut
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -336,9 +357,16 @@ class StreamEngine:
 
     def _take_inbox(self) -> None:
         with self._lock:
-            while not self._inbox and self.stream.idle and not self._closed:
+            while (not self._inbox and not self._calls and self.stream.idle
+                   and not self._closed):
                 self._lock.wait()
             inbox, self._inbox = self._inbox, []
+            calls, self._calls = self._calls, []
+        for fn, fut in calls:
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - the caller's to handle
+                fut.set_exception(e)
         cfg = self.stream.engine.cfg
         for requests, futures in inbox:
             good = []
@@ -365,6 +393,8 @@ class StreamEngine:
             self._take_inbox()
             if self._closed:
                 self._fail_all(RuntimeError("the engine was closed before this row finished"))
+                for _, fut in self._calls:
+                    fut.set_exception(RuntimeError("the engine was closed"))
                 return
             try:
                 self.stream.step()

@@ -55,7 +55,10 @@ def test_token_counts_equal_the_tokenizers(capsys, tmp_path):
                        "sampling": {"max_new_tokens": 8}}, "test")
     import pyarrow as pa
 
-    builder, _ = prompt_setup(m, GenSettings.of(spec, pa.schema([])))
+    from pipeline.plan import Plan
+
+    plan = Plan([], [], 0, pa.int64(), True, [], {}, pa.schema([]))  # no output format
+    builder, _ = prompt_setup(m, GenSettings.of(spec, plan))
     lengths = [len(builder.build(t).ids) for t in _texts(tmp_path)]
     pt = est["prompt_tokens"]
     assert pt["exact"] and pt["rows_counted"] == len(ids) and pt["sample_note"] is None

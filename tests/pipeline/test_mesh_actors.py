@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     # The same generator in this process, which sees one device.
     spec = build_spec({**data, "output": f"{tmp}/ref", "mesh": None})
     plan, _, _ = preflight(spec)
-    pred = Predictor(GenSettings.of(spec, plan.output_schema()))
+    pred = Predictor(GenSettings.of(spec, plan))
     ref = pred.rows(pa.table({"id": ids, TEXT: texts})).to_pylist()
     ref_info = pred.model.info
     print(json.dumps({"summary": summary, "got": got, "ref": ref,
