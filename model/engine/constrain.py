@@ -119,9 +119,9 @@ class Automaton:
 
 
 def compile_format(fmt: Format, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int],
-                   budget_bytes: int = TABLE_BUDGET_BYTES) -> Automaton:
+                   budget_bytes: int | None = None) -> Automaton:
     """The format's `Automaton` over this vocabulary; FormatError when the pattern or schema
-    is invalid, or its device tables would exceed `budget_bytes`."""
+    is invalid, or its device tables would exceed `budget_bytes` (default TABLE_BUDGET_BYTES)."""
     from outlines_core import Index, Vocabulary
 
     stops = sorted({int(s) for s in stop_ids if 0 <= int(s) < vocab_size})
@@ -169,6 +169,7 @@ def compile_format(fmt: Format, tokenizer: Any, vocab_size: int, stop_ids: Seque
     token_class = token_class.reshape(-1).astype(np.int32)
     c = int(token_class.max()) + 1
     need = vocab_size * 4 + n * c * 4 + n
+    budget_bytes = TABLE_BUDGET_BYTES if budget_bytes is None else budget_bytes
     if need > budget_bytes:
         raise FormatError(
             f"the {fmt.kind} format has {n} automaton states and {c} token classes: its tables "
