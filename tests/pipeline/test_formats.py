@@ -171,3 +171,39 @@ def test_270m_extraction_and_classification_jobs(ray_cluster, tmp_path):
         assert sorted(probs) == sorted(TOPICS) and abs(sum(probs.values()) - 1) <= 1e-5
         right += row["choice"] == TOPICS[row["id"] % 4]
     print(f"270M classification: {right}/40 topics right")
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-recurrentgemma"])
+def test_formatted_rows_do_not_depend_on_batching(tmp_path, model):
+    """The same rows through a closed batch and through the streaming engine (split over two
+    concurrent batches): the same outputs, choices, probabilities and log-probabilities."""
+    import asyncio
+
+    from pipeline.parts import RECORD_COLUMN
+    from pipeline.predictor import TEXT, ClosedPredictor, GenSettings, StreamingPredictor
+    from pipeline.preflight import preflight
+
+    texts = [f"note {i}: " + "abc " * (i * 3) for i in range(6)]
+    write_shard(str(tmp_path / "in.parquet"), pa.table({"id": list(range(6)), "text": texts}))
+    spec = build_spec(tiny_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"),
+                                model=model, task="extract", logprobs=True,
+                                output_format={"type": "choice", "choices": ["red", "rose"]},
+                                sampling={"max_new_tokens": 8}))
+    plan, _, _ = preflight(spec)
+    settings = GenSettings.of(spec, plan)
+    batch = pa.table({"id": list(range(6)), TEXT: texts})
+    closed = ClosedPredictor(settings).rows(batch).to_pylist()
+    stream = StreamingPredictor(settings)
+
+    async def both() -> list:
+        halves = await asyncio.gather(stream(batch.slice(0, 3)), stream(batch.slice(3)))
+        return [r for t in halves for r in t.drop_columns([RECORD_COLUMN]).to_pylist()]
+
+    streamed = asyncio.run(both())
+    assert [r["output"] for r in streamed] == [r["output"] for r in closed]
+    for a, b in zip(closed, streamed):
+        assert a["error"] is None and a["choice"] in ("red", "rose")
+        assert a["mean_logprob"] == pytest.approx(b["mean_logprob"], abs=1e-5)
+        pa_, pb = dict(a["choice_probs"]), dict(b["choice_probs"])
+        assert sum(pa_.values()) == pytest.approx(1.0, abs=1e-9)
+        assert pa_ == pytest.approx(pb, abs=1e-6)
