@@ -51,7 +51,14 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                         "comes before the text")
     g.add_argument("--summary-words", type=int)
     g.add_argument("--max-prompt-tokens", type=int)
-    g.add_argument("--long-document", choices=["error", "truncate"])
+    g.add_argument("--long-document", choices=["error", "truncate", "map-reduce", "stream"],
+                   help="a document longer than the usable context: map-reduce (summarize's "
+                        "default: summarize chunks, then their summaries), error (the other "
+                        "tasks' default), truncate (keep head and tail), stream (RecurrentGemma: "
+                        "the whole document through its fixed-size state)")
+    g.add_argument("--max-input-tokens", type=int, metavar="N",
+                   help="cap the context a row uses (prompt + output); long_document applies "
+                        "against it")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--batching", choices=["stream", "closed"],
                    help="stream (default): actors refill freed decode slots across batches; "

@@ -23,12 +23,16 @@ input: data/
 output: out/summaries/
 
 task: summarize            # summarize | answer (needs question_column) | raw (text is the prompt)
+                           # | extract (instruction + text; with output_format: typed fields)
 model: gemma3-270m         # a preset, a Hugging Face directory or a .gguf file
 text_column: text          # the column holding each document
 # id_column: doc_id        # default: the input's `id` column if it has one, else derived ids;
                            # null: always derive ids as "<shard>:<row>"
 # summary_words: 60        # summarize: ask for about this many words
-# long_document: truncate  # a document longer than the context: error row (default) or truncate
+# long_document: map-reduce  # longer than the context: map-reduce (summarize's default: chunk
+                             # summaries, then theirs), error, truncate (head + tail), stream
+# max_input_tokens: 2048   # cap the context a row uses (bounds prefill on small machines)
+# output_format: {type: choice, choices: [positive, negative]}  # or json + schema, regex
 
 batch_size: 32             # rows decoded together per generate call
 sampling:

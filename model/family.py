@@ -25,6 +25,9 @@ class Family(Protocol):
     # leaf, keyed by the leaf's name in the tree.
     PARAM_AXES: dict[str, tuple[str | None, ...]]
     STATE_AXES: dict[str, tuple[str | None, ...]]
+    # The state's size does not depend on the sequence length (RecurrentGemma): a prompt of any
+    # length can be fed through it in chunks.
+    FIXED_STATE: bool
 
     def init_params(self, cfg: Any, key: jax.Array, dtype: Any = ...) -> Params:
         """Random parameters with the real tree and shapes."""

@@ -48,6 +48,7 @@ _NEG = -1e30  # finite "minus infinity": a fully masked (padding) query gives ga
 
 # Logical axes of every parameter and state leaf, by its name (model/sharding.py maps them onto
 # the mesh with LOGICAL_AXIS_RULES).
+FIXED_STATE = True  # see model/family.py
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "embed": ("vocab", "embed"),  # [V, D]
     "final_norm": ("embed",), "temporal_norm": ("embed",), "channel_norm": ("embed",),

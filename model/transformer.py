@@ -53,6 +53,7 @@ class KVState:
 
 # Logical axes of every parameter and state leaf, by its name (model/sharding.py maps them onto
 # the mesh with LOGICAL_AXIS_RULES).
+FIXED_STATE = False  # see model/family.py
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "embed": ("vocab", "embed"),  # [V, D]
     "final_norm": ("embed",), "attn_norm": ("embed",), "ffw_norm": ("embed",),

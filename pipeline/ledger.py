@@ -36,7 +36,7 @@ SAMPLE = 10  # deleted ids listed in the summary
 # answered: the content hash covers the values they point at.
 _NOT_SETTINGS = ("input", "id_column", "text_column", "question_column", "context_column")
 # Fields that shape outputs besides those --resume checks.
-_MORE_SETTINGS = ("dtype", "max_prompt_tokens", "long_document", "sampling")
+_MORE_SETTINGS = ("dtype", "max_prompt_tokens", "sampling")
 
 
 def default_ledger(output: str) -> str:

@@ -40,6 +40,8 @@ CONTRACT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("prompt_tokens", pa.int32()),
     ("output_tokens", pa.int32()),
     ("truncated", pa.bool_()),
+    ("chunks", pa.int32()),  # map-reduce: the document's chunks (1: it fit; null: not generated)
+    ("input_tokens", pa.int64()),  # prompt tokens of every call the row took
     ("model", pa.string()),
 )
 RESERVED = {"id", *(n for n, _ in CONTRACT_FIELDS)}

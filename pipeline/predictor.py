@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,9 +28,13 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import row_params
+from pipeline.gen_settings import GenSettings, is_fatal, prompt_setup, row_id_of
+from pipeline.gen_settings import short_error as _short
 from pipeline.phases import PhaseReporter, phase_text
-from pipeline.prompts import Prompt, PromptBuilder, PromptSettings, default_stop
-from pipeline.spec import JobSpec
+from pipeline.prompts import Prompt
+
+__all__ = ["GenSettings", "Predictor", "ClosedPredictor", "StreamingPredictor", "prompt_setup",
+           "row_id_of", "is_fatal", "TEXT", "QUESTION", "CONTEXT"]
 
 log = logging.getLogger(__name__)
 
@@ -42,99 +45,6 @@ PREFILL_FIELDS = {"real_tokens": "prefill_real_tokens", "padded_tokens": "prefil
 # Decode counts (model.engine.DecodeStats fields), named as such in the record.
 DECODE_FIELDS = ("decode_steps", "busy_slot_steps", "waiting_steps", "waiting_busy_slot_steps",
                  "waiting_slot_steps")
-_FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "DEVICE_LOST", "UNAVAILABLE",
-                  "device lost", "Device lost")
-
-
-@dataclasses.dataclass(frozen=True)
-class GenSettings:
-    """What the actor needs besides rows: model source, prompt and sampling settings."""
-
-    model: str
-    dtype: str | None
-    prompt_format: str  # auto | chat | completion
-    task: str
-    instruction: str | None
-    summary_words: int | None
-    max_prompt_tokens: int | None
-    long_document: str
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int
-    stop: tuple[str, ...] | None
-    mesh: tuple[int, int] | None  # (data, model); None = chosen from devices and model size
-    schema: pa.Schema  # the output schema (id, contract columns, carried columns)
-    phase_board: str | None = None  # named Ray actor the actor reports its phase to
-    output: str | None = None  # where the actor writes its parts (None: returns the rows)
-    slots: int = 32  # rows decoding at once per actor
-    params: tuple[str, ...] = ()  # per-row settings the batches carry (row_params.PARAMS)
-    lease: str | None = None  # the run's lease token: parts are written only while it is live
-    output_format: Any = None  # pipeline.formats.JobFormat (compiled once, in preflight)
-
-    @classmethod
-    def of(cls, spec: JobSpec, plan: Any, phase_board: str | None = None,
-           output: str | None = None, params: tuple[str, ...] = (),
-           lease: str | None = None) -> "GenSettings":
-        """The settings of a job's actors, from its spec and preflight `Plan`."""
-        s, schema = spec.sampling, plan.output_schema()
-        return cls(
-            model=spec.model, dtype=spec.dtype, prompt_format=spec.prompt_format, task=spec.task,
-            instruction=spec.instruction, summary_words=spec.summary_words,
-            max_prompt_tokens=spec.max_prompt_tokens, long_document=spec.long_document,
-            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, stop=tuple(s.stop) if s.stop else None,
-            mesh=spec.mesh.shape if spec.mesh else None, schema=schema, phase_board=phase_board,
-            output=output, slots=spec.batch_size, params=params, lease=lease,
-            output_format=plan.output_format)
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Errors after which this actor's engine cannot be trusted."""
-    if isinstance(exc, MemoryError):
-        return True
-    msg = str(exc)
-    return type(exc).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and any(
-        m in msg for m in _FATAL_MARKERS)
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or "no message"
-    return f"{type(exc).__name__}: {text[:limit]}"
-
-
-def prompt_setup(model: Any, settings: GenSettings) -> tuple[PromptBuilder, list[str] | None]:
-    """The prompt builder and stop strings of a loaded model under these settings (the actors
-    and `validate`'s token counts use the same)."""
-    if model.tokenizer is None:
-        raise RuntimeError(f"model {settings.model} has no tokenizer; it cannot read text")
-    cfg = model.config
-    limit = cfg.max_seq_len - settings.max_new_tokens
-    if settings.max_prompt_tokens:
-        limit = min(limit, settings.max_prompt_tokens)
-    if limit < 8:
-        raise RuntimeError(
-            f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
-            f"model's context of {cfg.max_seq_len} tokens")
-    fmt_used, out_fmt = model.prompt_format, settings.output_format
-    builder = PromptBuilder(
-        PromptSettings(settings.task, fmt_used, limit, settings.long_document,
-                       settings.instruction, settings.summary_words,
-                       out_fmt.hint() if out_fmt is not None else None),
-        model.tokenizer,
-    )
-    constrained = out_fmt is not None and out_fmt.constrained
-    stop = list(settings.stop) if settings.stop else default_stop(fmt_used, settings.task,
-                                                                  constrained)
-    return builder, stop
-
-
-def row_id_of(value: Any) -> int:
-    """The key of a row's random draws, from its id: the same row samples the same tokens in
-    any batch, on any actor, in any run."""
-    h = hashlib.blake2b(str(value).encode("utf-8", "surrogatepass"), digest_size=4).digest()
-    return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -148,6 +58,10 @@ class Work:
     results: list[Any]
     t0: float
     choice_probs: dict[int, Any] = dataclasses.field(default_factory=dict)  # row -> [C]
+    # Rows longer than the usable context under map-reduce: row -> (text, its Request without
+    # a prompt), then row -> pipeline.longdoc.Summary once summarised.
+    long: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+    summaries: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 class Predictor:
@@ -168,7 +82,8 @@ class Predictor:
         self.builder, self.stop = prompt_setup(self.model, settings)
         self.fmt = fmt = settings.output_format  # pipeline.formats.JobFormat or None
         self.gen_kw = {"output_format": fmt.automaton if fmt is not None else None,
-                       "logprobs": bool(fmt is not None and fmt.logprobs)}
+                       "logprobs": bool(fmt is not None and fmt.logprobs),
+                       "unbounded_context": settings.long_document == "stream"}
         self._choice_ids = None
         if fmt is not None and fmt.kind == "choice" and fmt.logprobs:
             self._choice_ids = [self.model.tokenizer.encode(fmt.lead + c) for c in fmt.spec]
@@ -206,16 +121,19 @@ class Predictor:
                 prompt = Prompt(None, "prompt", f"could not build the prompt: {_short(e)}")
             work.prompts.append(prompt)
             req = None
-            if prompt.ids is None:
+            long = prompt.error_kind == "too_long" and s.long_document == "map-reduce"
+            if prompt.ids is None and not long:
                 work.errors[i] = (prompt.error_kind or "prompt", prompt.error or "")
             else:
                 try:
                     rs = row_params.parse({p: v[i] for p, v in raw.items()}, defaults)
-                    req = Request(prompt.ids, rs["max_new_tokens"], rs["temperature"],
+                    req = Request(prompt.ids or [], rs["max_new_tokens"], rs["temperature"],
                                   rs["top_k"], rs["top_p"], rs["seed"], row_id_of(ids[i]),
                                   rs["stop"])
                 except (ValueError, TypeError) as e:
                     work.errors[i] = ("params", f"bad per-row sampling setting: {e}")
+                if long and req is not None:  # summarised by map-reduce (pipeline/longdoc.py)
+                    work.long[i], req = (texts[i], req), None
             work.requests.append(req)
         return work
 
@@ -247,7 +165,7 @@ class Predictor:
         out: dict[str, list] = {k: [] for k in ("output", "finish_reason", "error", "error_kind",
                                                 "prompt_tokens", "output_tokens", "truncated")}
         extra = [f.name for f in self.fmt.fields()] if self.fmt is not None else []
-        out.update({k: [None] * n for k in extra})
+        out.update({k: [None] * n for k in (*extra, "chunks", "input_tokens")})
         for i in range(n):
             g, err, p = work.results[i], work.errors[i], work.prompts[i]
             if err is not None or g is None:
@@ -258,6 +176,9 @@ class Predictor:
                 text = g.text.rstrip("\ufffd") if g.finish_reason == "length" else g.text
                 row = (text, g.finish_reason, None, None, int(g.prompt_tokens),
                        int(g.output_tokens))
+                sm = work.summaries.get(i)  # a long document: what all its calls took
+                out["chunks"][i] = sm.chunks if sm else 1
+                out["input_tokens"][i] = sm.input_tokens if sm else row[4]
                 if self.fmt is not None:
                     row, values = self._formatted(work, i, g, row)
                     for k, v in values.items():
@@ -270,15 +191,28 @@ class Predictor:
         latency = time.perf_counter() - work.t0
         name = parts.part_name(work.batch.column("id").to_pylist())
         record = parts.batch_record(table, name, self.actor, time.time(), latency,
-                                    self._work_since_last())
+                                    {**self._work_since_last(),
+                                     "long_documents": self._long_outcomes(work)})
         return table, record
+
+    def _long_outcomes(self, work: Work) -> dict[str, int]:
+        """Rows longer than the usable context, by what became of them."""
+        limit = self.builder.s.max_prompt_tokens
+        got = {"map_reduce": len(work.summaries),
+               "map_reduce_failed": sum(e is not None and e[0] == "long_document"
+                                        for e in work.errors),
+               "truncated": sum(p.truncated for p in work.prompts),
+               "streamed": sum(len(p.ids or ()) > limit for p in work.prompts),
+               "too_long": sum(e is not None and e[0] == "too_long" for e in work.errors)}
+        return {k: v for k, v in got.items() if v}
 
     def _formatted(self, work: Work, i: int, g: Any, row: tuple) -> tuple[tuple, dict]:
         """A generated row through the output format (pipeline/formats.py): (its row, or an
         error row, and the values of the format's columns)."""
         probs = work.choice_probs.get(i)
         text, values, err = self.fmt.row(
-            row[0], g.complete, g.logprobs, g.output_tokens, work.requests[i].max_new_tokens,
+            row[0], g.complete, g.logprobs, g.output_tokens,
+            (work.requests[i] or work.long[i][1]).max_new_tokens,
             (lambda: probs) if probs is not None else None)
         if err is not None:
             return (text if err[0] == "parse" else None, "error", err[1], err[0], row[4],
@@ -322,6 +256,11 @@ class Predictor:
         stop_watch = self._watch_first_compiles([len(work.requests[i].prompt) for i in todo])
         try:
             self._run_closed(work, todo)
+            if work.long:
+                async def gen(reqs: list[Any]) -> list[Any]:
+                    return self._generate_list(reqs)
+
+                asyncio.run(self._run_long(work, gen))
             self._score_choices(work)
         finally:
             stop_watch()
@@ -329,31 +268,61 @@ class Predictor:
     def _run_closed(self, work: Work, todo: list[int]) -> None:
         if not todo:
             return
-        reqs = [work.requests[i] for i in todo]
-        col = {f: [getattr(r, f) for r in reqs] for f in ("max_new_tokens", "temperature",
-                                                          "top_k", "top_p", "seed", "row_id")}
-        stops = {r.stop for r in reqs}
-        try:
-            if len(stops) > 1:  # rows with their own stop strings: one call per set
-                for stop in stops:
-                    self._run_closed(work, [i for i in todo if work.requests[i].stop == stop])
-                return
-            gens = self.model.generate(
-                [r.prompt for r in reqs], stop=list(stops.pop()), row_ids=col.pop("row_id"),
-                max_batch=max(1, min(len(reqs), self.s.slots,
-                                     self.model.engine.buckets.max_batch)), **col,
-                **self.gen_kw)
-            for i, g in zip(todo, gens):
+        got = self._generate_list([work.requests[i] for i in todo])
+        failed = [(i, g) for i, g in zip(todo, got) if isinstance(g, BaseException)]
+        for i, g in zip(todo, got):
+            if not isinstance(g, BaseException):
                 work.results[i] = g
-        except Exception as e:  # noqa: BLE001
-            if is_fatal(e) or len(todo) == 1:
+        if len(todo) == 1 and failed:
+            work.errors[todo[0]] = ("generation", f"generation failed: {_short(failed[0][1])}")
+        elif failed:  # a call failed with other rows in it: each of its rows once more, alone
+            log.warning("batch generate failed (%s); retrying row by row",
+                        _short(failed[0][1], 120))
+            for i, _ in failed:
+                self._run_closed(work, [i])
+
+    def _generate_list(self, reqs: list[Any]) -> list[Any]:
+        """A Generation, or the exception that failed its call, per request (one generate call
+        per set of stop strings); errors that end the engine are raised."""
+        got: list[Any] = [None] * len(reqs)
+        for stop in dict.fromkeys(r.stop for r in reqs):
+            idx = [k for k, r in enumerate(reqs) if r.stop == stop]
+            sub = [reqs[k] for k in idx]
+            col = {f: [getattr(r, f) for r in sub] for f in ("max_new_tokens", "temperature",
+                                                             "top_k", "top_p", "seed")}
+            try:
+                gens = self.model.generate(
+                    [r.prompt for r in sub], stop=list(stop or ()),
+                    row_ids=[r.row_id for r in sub], max_batch=max(1, min(
+                        len(sub), self.s.slots, self.model.engine.buckets.max_batch)),
+                    **col, **self.gen_kw)
+            except Exception as e:  # noqa: BLE001
                 if is_fatal(e):
                     raise
-                work.errors[todo[0]] = ("generation", f"generation failed: {_short(e)}")
-                return
-            log.warning("batch generate failed (%s); retrying row by row", _short(e, 120))
-            for i in todo:
-                self._run_closed(work, [i])
+                gens = [e] * len(sub)
+            for k, g in zip(idx, gens):
+                got[k] = g
+        return got
+
+    async def _run_long(self, work: Work, generate: Any) -> None:
+        """Summarises the batch's long documents by map-reduce (pipeline/longdoc.py), their
+        chunks through `generate(requests) -> [Generation or exception]`."""
+        from pipeline.longdoc import LongDocumentError, map_reduce
+
+        async def one(i: int, text: str, req: Any) -> None:
+            async def gen(prompts: list[list[int]], keys: list[int]) -> list[Any]:
+                return await generate([dataclasses.replace(req, prompt=p, row_id=k)
+                                       for p, k in zip(prompts, keys)])
+
+            try:
+                work.summaries[i] = sm = await map_reduce(text, self.builder, gen, req.row_id)
+                work.results[i] = sm.final
+            except LongDocumentError as e:
+                if e.__cause__ is not None and is_fatal(e.__cause__):
+                    raise e.__cause__ from None
+                work.errors[i] = ("long_document", str(e))
+
+        await asyncio.gather(*(one(i, t, r) for i, (t, r) in work.long.items()))
 
     def _watch_first_compiles(self, lengths: list[int]) -> Any:
         """On this actor's first batch: reports about how many programs it compiles, then each
@@ -402,7 +371,8 @@ class StreamingPredictor(Predictor):
                                                              self.model.engine.buckets.max_batch)),
                 stop_token_ids=tuple(tok.stop_ids), stop_strings=tuple(self.stop or ()),
                 **self.gen_kw)
-        await self._run(work, todo, retry=True)
+        await asyncio.gather(self._run(work, todo, retry=True),
+                             self._run_long(work, self._submit_all))
         if self._choice_ids is not None:  # on the engine's thread, between its decode calls
             await asyncio.wrap_future(self._engine.call(lambda: self._score_choices(work)))
         if self._stop_watch is not None:
@@ -410,10 +380,14 @@ class StreamingPredictor(Predictor):
             stop()
         return await asyncio.to_thread(self._commit, work)
 
+    async def _submit_all(self, reqs: list[Any]) -> list[Any]:
+        """Rows into the engine; a Generation or an exception per row."""
+        futures = self._engine.submit(reqs)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
+                                         return_exceptions=True))
+
     async def _run(self, work: Work, todo: list[int], retry: bool) -> None:
-        futures = self._engine.submit([work.requests[i] for i in todo])
-        done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
-                                    return_exceptions=True)
+        done = await self._submit_all([work.requests[i] for i in todo])
         failed = []
         for i, res in zip(todo, done):
             if not isinstance(res, BaseException):

@@ -54,6 +54,23 @@ def check_model_source(source: str) -> None:
         raise InputError(str(e).splitlines()[0]) from None
 
 
+def check_long_document(spec: JobSpec) -> None:
+    """Refuses long_document: stream for a model whose state grows with the sequence."""
+    if spec.long_document != "stream":
+        return
+    from model.checkpoints import CheckpointError, config_of
+    from model.family import family_of
+
+    try:
+        fixed = family_of(config_of(spec.model)).FIXED_STATE
+    except CheckpointError as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    if not fixed:
+        raise InputError(f"long_document: stream needs a model with a fixed-size state "
+                         f"(RecurrentGemma); {spec.model} keeps a cache that grows with the "
+                         "document: use map-reduce (summarize), truncate or error")
+
+
 def check_placement(spec: JobSpec) -> None:
     """Refuses a mesh that does not cover an actor's devices, and a model that the devices of
     one actor cannot hold (from the config alone: no weights are read)."""
@@ -96,6 +113,7 @@ def preflight(spec: JobSpec) -> tuple[Plan, OutputDir, Mode]:
     plan."""
     check_model_source(spec.model)
     check_placement(spec)
+    check_long_document(spec)
     from pipeline.formats import compile_job_format
 
     fmt = compile_job_format(spec)  # a format too large or invalid is refused here

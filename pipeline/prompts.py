@@ -51,7 +51,7 @@ class PromptSettings:
     task: Literal["summarize", "answer", "raw", "extract"]
     prompt_format: PromptFormat
     max_prompt_tokens: int
-    long_document: Literal["error", "truncate"] = "error"
+    long_document: str = "error"  # error | truncate | map-reduce | stream (spec.LongDocument)
     instruction: str | None = None
     summary_words: int | None = None
     format_hint: str | None = None  # what the output must look like (pipeline/formats.py)
@@ -105,6 +105,13 @@ def default_stop(fmt: PromptFormat, task: str, constrained: bool = False) -> lis
     if fmt == "completion" and task in ("summarize", "answer", "extract") and not constrained:
         return ["\n"]
     return None
+
+
+def head_and_tail(ids: list[int], keep: int, marker: Sequence[int] = ()) -> list[int]:
+    """`keep` tokens of `ids`: its head and its tail (half each), `marker` between them."""
+    room = keep - len(marker)
+    head = (room + 1) // 2
+    return list(ids[:head]) + list(marker) + list(ids[len(ids) - (room - head):])
 
 
 class PromptBuilder:
@@ -196,27 +203,34 @@ class PromptBuilder:
         ids_len = 1 + sum(len(e) for e in encoded)
         limit = self.s.max_prompt_tokens
         truncated = False
-        if ids_len > limit:
+        policy = self.s.long_document
+        if ids_len > limit and policy != "stream":  # stream: any length (a fixed-size state)
             excess = ids_len - limit
             cut_at = [i for i, s in enumerate(segs) if s.cut]
-            if self.s.long_document != "truncate":
+            if policy != "truncate":
                 return Prompt(
                     None, "too_long",
                     f"prompt is {ids_len} tokens, over the limit of {limit}; shorten the text, "
-                    "raise max_prompt_tokens, or set long_document: truncate",
+                    "raise max_input_tokens or max_prompt_tokens, or set long_document: truncate"
+                    + (" or map-reduce" if self.s.task == "summarize" else ""),
                 )
             i = cut_at[0] if cut_at else None
-            if i is None or len(encoded[i]) <= excess:
+            marker = self.tok.encode(" [...]")
+            if i is None or len(encoded[i]) <= excess + len(marker) + 2:
                 return Prompt(
                     None, "too_long",
                     f"prompt is {ids_len} tokens and cannot be cut to the limit of {limit}",
                 )
-            encoded[i] = encoded[i][: len(encoded[i]) - excess]
+            encoded[i] = head_and_tail(encoded[i], len(encoded[i]) - excess, marker)
             truncated = True
         ids = [self.tok.bos_id]
         for e in encoded:
             ids.extend(e)
         return Prompt(ids, truncated=truncated)
+
+    def frame_tokens(self) -> int:
+        """Tokens a prompt takes besides its text (the template, BOS), about."""
+        return len(self.build("x").ids or ()) - len(self.tok.encode(" x"))
 
     def build_many(
         self,

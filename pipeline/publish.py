@@ -178,6 +178,9 @@ def run_summary(spec: JobSpec, plan: Plan, c: Compacted, a: AttemptStats) -> dic
         "batch_latency_p95_s": _round(_percentile(lat, 0.95)),
         "prefill": _prefill(c.batches),
         "decode": _decode(c.batches),
+        # Rows longer than the usable context, by outcome (map_reduce, truncated, streamed,
+        # too_long error rows, map_reduce_failed); {} when every row fit.
+        "long_documents": _long_documents(c.batches),
         # Seconds the actors spent compiling programs inside their generate calls.
         "compile_s": round(sum(b.get("compile_s", 0.0) for b in c.batches), 3),
         "model": spec.model,
@@ -204,6 +207,14 @@ def _prefill(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return {"real_tokens": real, "padded_tokens": padded,
             "padding_ratio": round(padded / real, 4) if real else None,
             "prefix_reused_tokens": sum(b.get("prefix_reused_tokens", 0) for b in batches)}
+
+
+def _long_documents(batches: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for b in batches:
+        for k, v in (b.get("long_documents") or {}).items():
+            counts[k] = counts.get(k, 0) + int(v)
+    return counts
 
 
 def _decode(batches: list[dict[str, Any]]) -> dict[str, Any]:

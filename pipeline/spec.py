@@ -19,7 +19,7 @@ DEFAULT_ID_COLUMN = "id"  # an input column with this name is the id unless the 
 # Spec fields that must match for --resume to continue a run.
 _SHAPING = ("input", "task", "model", "id_column", "text_column", "question_column",
             "context_column", "prompt_format", "instruction", "summary_words", "sampling_columns",
-            "output_format", "logprobs")
+            "output_format", "logprobs", "long_document", "max_input_tokens")
 
 
 class SpecError(InputError):
@@ -41,6 +41,7 @@ class SamplingSpec(BaseModel):
     )
 
 
+LongDocument = Literal["error", "truncate", "map-reduce", "stream"]
 SamplingColumn = Literal["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"]
 
 
@@ -231,9 +232,16 @@ class JobSpec(BaseModel):
     max_prompt_tokens: int | None = Field(
         None, ge=8, description="Longest prompt accepted (None = context - max_new_tokens)."
     )
-    long_document: Literal["error", "truncate"] = Field(
-        "error", description="A too-long document: error row, or keep its beginning."
-    )
+    long_document: LongDocument | None = Field(
+        None, description="A document longer than the usable context (min(model context, "
+                          "max_input_tokens) - prompt frame - max_new_tokens): error (an error "
+                          "row), truncate (keep its head and tail), map-reduce (summarize its "
+                          "chunks, then their summaries; summarize only) or stream (the whole "
+                          "document through RecurrentGemma's fixed-size state). Default: "
+                          "map-reduce for summarize, error otherwise.")
+    max_input_tokens: int | None = Field(
+        None, ge=32, description="Caps the context a row may use (prompt + output), to bound "
+                                 "prefill cost; long_document applies against it.")
     mesh: MeshSpec | None = Field(
         None, description="Each actor's device mesh {data, model}; None = chosen from its "
                           "device count and the model's size (data parallel when it fits one).")
@@ -297,9 +305,24 @@ class JobSpec(BaseModel):
         if self.retry_errors and self.incremental is not None:
             raise ValueError("retry_errors does not apply to incremental runs: their rows whose "
                              "generation failed are redone by the next run; drop one of them")
+        if self.long_document == "map-reduce" and (self.task != "summarize"
+                                                   or self.output_format.type != "text"):
+            raise ValueError("long_document: map-reduce summarizes chunks into free text (task "
+                             "summarize, no output_format); use error, truncate or stream")
+        if self.max_input_tokens and self.max_input_tokens < self.sampling.max_new_tokens + 16:
+            raise ValueError(f"max_input_tokens={self.max_input_tokens} leaves no room for a "
+                             f"prompt beside max_new_tokens={self.sampling.max_new_tokens}")
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; give at least one Parquet file")
         return self
+
+    @property
+    def long_document_policy(self) -> str:
+        """The long-document policy in force (the task's default when unset)."""
+        if self.long_document is not None:
+            return self.long_document
+        free = self.task == "summarize" and self.output_format.type == "text"
+        return "map-reduce" if free else "error"
 
     def id_column_for(self, columns: list[str]) -> str | None:
         """The id column for an input with these columns: the one named, none when id_column

@@ -107,7 +107,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
              refill_min: int | None = None, stop_check_every: int = 16,
              reuse_prefixes: bool = True,
              output_format: Format | Automaton | None = None,
-             logprobs: bool = False) -> list[Generation]:
+             logprobs: bool = False, unbounded_context: bool = False) -> list[Generation]:
     """Generates a continuation for every prompt (token ids, BOS included), in input order.
 
     One `Stream` (stream.py) over all the rows: they fill up to `max_batch` decode slots,
@@ -134,6 +134,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
         row from a copy of its state; results are those of prefilling every row in full.
       output_format: constrain every row to a format (constrain.py; see `Stream`).
       logprobs: give each `Generation` its tokens' log-probabilities.
+      unbounded_context: prompts may exceed the model's context (RecurrentGemma only; see
+        `Stream`).
     Returns:
       One `Generation` per prompt.
     """
@@ -151,7 +153,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], tokenizer: Any = 
     stream = Stream(engine, tokenizer, max_batch=max_batch, stop_token_ids=stop_token_ids,
                     stop_strings=stop_strings or (), refill_min=refill_min or 1,
                     stop_check_every=stop_check_every, reuse_prefixes=reuse_prefixes,
-                    output_format=output_format, logprobs=logprobs)
+                    output_format=output_format, logprobs=logprobs,
+                    unbounded_context=unbounded_context)
     requests = [Request(prompts[i], *(int(columns["max_new_tokens"][i]),
                                       columns["temperature"][i], columns["top_k"][i],
                                       columns["top_p"][i], columns["seed"][i]),

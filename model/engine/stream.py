@@ -55,8 +55,9 @@ class Request:
     stop: tuple[str, ...] | None = None
 
 
-def check_request(req: Request, index: int, vocab: int, max_seq_len: int) -> Row:
-    """The checked `Row` of a request; ValueError naming the prompt (by `index`) otherwise."""
+def check_request(req: Request, index: int, vocab: int, max_seq_len: int | None) -> Row:
+    """The checked `Row` of a request; ValueError naming the prompt (by `index`) otherwise.
+    `max_seq_len` None: any length (a fixed-size state)."""
     p = [int(t) for t in req.prompt]
     if not p:
         raise ValueError(f"prompt {index} is empty; every prompt needs at least one token "
@@ -68,7 +69,7 @@ def check_request(req: Request, index: int, vocab: int, max_seq_len: int) -> Row
     m = int(req.max_new_tokens)
     if m < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {m} for prompt {index}")
-    if len(p) + m > max_seq_len:
+    if max_seq_len is not None and len(p) + m > max_seq_len:
         raise ValueError(
             f"prompt {index} has {len(p)} tokens; with max_new_tokens={m} it exceeds "
             f"the model's {max_seq_len}-token context; shorten it or lower max_new_tokens")
@@ -96,13 +97,15 @@ class Stream:
         vocabulary with the stop ids, or an `Automaton`); stop ids end rows only where the
         format is complete. Each `Generation` says whether it is (`complete`).
       logprobs: each `Generation` carries its tokens' log-probabilities (`logprobs`).
+      unbounded_context: rows may be longer than the model's context (families whose state
+        has a fixed size, RecurrentGemma: the prompt streams through it in chunks).
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, *, max_batch: int = 16,
                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                  refill_min: int = 1, stop_check_every: int = 16, poll_steps: int | None = None,
                  reuse_prefixes: bool = True, output_format: Format | Automaton | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, unbounded_context: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = engine.cfg
@@ -117,6 +120,10 @@ class Stream:
         self.refill_min, self.stop_check_every = max(1, refill_min), stop_check_every
         self.poll_steps, self.reuse_prefixes = poll_steps, reuse_prefixes
         self.logprobs = logprobs
+        if unbounded_context and not engine.family.FIXED_STATE:
+            raise ValueError(f"{engine.family.__name__}'s state grows with the sequence: rows "
+                             "cannot exceed the model's context")
+        self.max_seq_len = None if unbounded_context else cfg.max_seq_len
         self.stats = DecodeStats()
         # Waiting rows, a heap: longest budget first, then arrival (see `add`).
         self.waiting: list[tuple[int, int, Row]] = []
@@ -138,7 +145,7 @@ class Stream:
         finishes. Returns their keys. Raises ValueError (nothing queued) for a bad request,
         naming it by `index0` + its position."""
         cfg = self.engine.cfg
-        rows = [check_request(r, index0 + i, cfg.vocab_size, cfg.max_seq_len)
+        rows = [check_request(r, index0 + i, cfg.vocab_size, self.max_seq_len)
                 for i, r in enumerate(requests)]
         keys = []
         for req, row in zip(requests, rows):
@@ -372,7 +379,7 @@ class StreamEngine:
             good = []
             for i, (req, fut) in enumerate(zip(requests, futures)):
                 try:  # a bad row fails alone
-                    check_request(req, i, cfg.vocab_size, cfg.max_seq_len)
+                    check_request(req, i, cfg.vocab_size, self.stream.max_seq_len)
                     good.append((req, fut))
                 except ValueError as e:
                     fut.set_exception(e)

@@ -39,7 +39,7 @@ def test_hostile_corpus(ray_cluster, tmp_path):
     out = tmp_path / "out"
     spec = build_spec({"input": str(inp), "output": str(out), "model": "tiny-gemma3",
                        "task": "summarize", "id_column": "id", "batch_size": 4,
-                       "sampling": {"max_new_tokens": 4}})
+                       "long_document": "error", "sampling": {"max_new_tokens": 4}})
     summary = run_job(spec, progress=False)
 
     t = pq.read_table(out).to_pylist()
@@ -58,7 +58,7 @@ def test_hostile_corpus(ray_cluster, tmp_path):
     # The message the user sees: how long, the limit (4096 context - 4 new tokens), what to do.
     assert rows["huge"]["error"] == (
         "prompt is 50573 tokens, over the limit of 4092; shorten the text, raise "
-        "max_prompt_tokens, or set long_document: truncate")
+        "max_input_tokens or max_prompt_tokens, or set long_document: truncate or map-reduce")
     # The extra column is carried through: values where it existed, null elsewhere.
     assert rows["emoji"]["note"] == "extra-emoji" and rows["null"]["note"] is None
     assert summary["errors_by_kind"] == {"empty": 3, "too_long": 1}

@@ -82,13 +82,18 @@ def test_control_characters_removed():
 
 def test_long_document_error_or_truncate():
     tok = ByteTokenizer()
-    doc = "word " * 2000
+    doc = "opening " + "word " * 2000 + "closing"
     err = _b(tok, limit=1000).build(doc)
     assert err.ids is None and err.error_kind == "too_long"
-    assert "over the limit of 1000" in err.error and "long_document: truncate" in err.error
+    assert "over the limit of 1000" in err.error
+    assert "long_document: truncate or map-reduce" in err.error
     cut = _b(tok, limit=1000, long_document="truncate").build(doc)
     assert len(cut.ids) == 1000 and cut.truncated
-    assert tok.decode(cut.ids).endswith("\nSummary:")  # the frame's end survives
+    text = tok.decode(cut.ids)
+    assert text.endswith("closing\nSummary:")  # the document's tail and the frame's end
+    assert "Text: opening word" in text and text.count(" [...]") == 1  # its head, one cut
+    streamed = _b(tok, limit=1000, long_document="stream").build(doc)
+    assert len(streamed.ids) > 10_000 and not streamed.truncated  # stream: any length
     short = _b(tok, limit=1000, long_document="truncate").build("short text")
     assert not short.truncated
     # A frame that alone exceeds the limit cannot be saved by cutting the document.
