@@ -25,6 +25,9 @@ _SECTIONS: dict[str, type] = {"sampling": SamplingSpec, "resources": ResourceSpe
                               "incremental": IncrementalSpec}
 _SWITCHES = {"incremental"}  # sections that a flag of their own name turns on (--incremental)
 _TOP = {name for name in JobSpec.model_fields if name not in _SECTIONS or name in _SWITCHES}
+# Flags that together build one field: --json-schema / --regex / --choices -> output_format.
+_FORMAT_FLAGS = {"format_json_schema": "output_format", "format_regex": "output_format",
+                 "format_choices": "output_format"}
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -161,6 +164,8 @@ def _format_from_flags(args: argparse.Namespace, where: str) -> dict[str, Any] |
 
 def section_of(dest: str) -> str | None:
     """Where a flag's value goes in the spec: "" (top level), a section name, or None."""
+    if dest in _FORMAT_FLAGS:
+        return _FORMAT_FLAGS[dest]
     for section, model in _SECTIONS.items():
         if dest in model.model_fields:
             return section
@@ -179,7 +184,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             data[switch] = on if isinstance(on, dict) else {}
     for key, value in vars(args).items():
         section = section_of(key)
-        if value is None or section is None or key in _SWITCHES:
+        if value is None or section is None or key in _SWITCHES or key in _FORMAT_FLAGS:
             continue
         if key == "input" and isinstance(value, list):
             value = value[0] if len(value) == 1 else value

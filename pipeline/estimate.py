@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 from pipeline import calibration
+from pipeline.longdoc import OVERLAP_TOKENS, usable_tokens
 from pipeline.predictor import CONTEXT, QUESTION, TEXT, GenSettings, prompt_setup
 from pipeline.plan import Plan
 from pipeline.read import ReadSettings, read_unit
@@ -58,10 +59,17 @@ def count_tokens(spec: JobSpec, plan: Plan, model: Any, limit: int = SAMPLE_ROWS
     """Prompt tokens of the rows to generate, built exactly as the actors build them."""
     rows, todo = sample_rows(spec, plan, limit)
     builder, _stop = prompt_setup(model, GenSettings.of(spec, plan))
-    lengths, errors = [], 0
+    lengths, errors, long_docs = [], 0, 0
+    map_reduce = spec.long_document_policy == "map-reduce"
     for text, q, c in rows:
         p = builder.build(text, q, c)
-        if p.ids is None:
+        if p.ids is None and p.error_kind == "too_long" and map_reduce:
+            # Its chunks, each in a prompt frame (the reduce levels' summaries are left out).
+            n_text = len(builder.tok.encode(str(text)))
+            chunks = -(-n_text // max(1, usable_tokens(builder) - OVERLAP_TOKENS))
+            lengths.append(n_text + chunks * builder.frame_tokens())
+            long_docs += 1
+        elif p.ids is None:
             errors += 1
         else:
             lengths.append(len(p.ids))
@@ -76,6 +84,7 @@ def count_tokens(spec: JobSpec, plan: Plan, model: Any, limit: int = SAMPLE_ROWS
         "mean": round(total / len(lengths), 2) if lengths else 0.0,
         "max": max(lengths, default=0),
         "prompt_errors": errors if exact else round(errors * scale),
+        "map_reduce_documents": long_docs if exact else round(long_docs * scale),
         "texts": [r[0] for r in rows],  # for a calibration on the corpus itself; not emitted
     }
 
@@ -158,7 +167,9 @@ def lines(est: dict[str, Any]) -> list[str]:
     out = [f"rows: {est['rows']} ({est['rows_to_generate']} to generate)",
            f"prompt tokens: {pt['total']} (mean {pt['mean']}, max {pt['max']}"
            + (f"; {pt['sample_note']}" if pt["sample_note"] else "; every row tokenized")
-           + (f"; {pt['prompt_errors']} rows give no prompt" if pt["prompt_errors"] else "") + ")",
+           + (f"; {pt['prompt_errors']} rows give no prompt" if pt["prompt_errors"] else "")
+           + (f"; {pt['map_reduce_documents']} long documents by map-reduce (their chunks "
+              "counted)" if pt.get("map_reduce_documents") else "") + ")",
            f"output tokens: at most {ot['upper_bound']} ({ot['max_new_tokens']} x rows)"
            + (f", expected ~{ot['expected']}" if ot["expected"] is not None else "")]
     if fc["source"] is None:

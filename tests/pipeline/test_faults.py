@@ -94,14 +94,22 @@ def test_driver_killed_then_resume(ray_cluster, tmp_path):
     while any(a["State"] != "DEAD" for k, a in _predictor_actors().items()
               if k not in before_run) and time.monotonic() < deadline:
         time.sleep(0.2)
+    # A worker process may outlive its actor's DEAD state by a moment; it writes no part once
+    # the killed run's lease is stale (workers fence on it): wait for that, then for the parts
+    # to stay as they are.
+    time.sleep(2.5)
+    committed, deadline = _committed(out), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        if sorted(now := _committed(out)) == sorted(committed):
+            break
+        committed = now
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
-    committed = _committed(out)
     assert 0 < len(committed) < len(ids) and len(set(committed)) == len(committed)
     before = {r["id"]: r["output"] for p in (out / "_parts").glob("*.parquet")
               for r in pq.read_table(p).to_pylist()}
 
     # Without --resume the unfinished output is refused (and left as it was) ...
-    time.sleep(2.5)  # once the killed run's lease is stale (tests/pipeline/test_lease.py)
     spec = tiny_spec(str(tmp_path / "in"), str(out), id_column="id", batch_size=2)
     with pytest.raises(InputError, match=r"holds an unfinished run; pass --resume to continue "
                                          r"it or --overwrite to start over"):
