@@ -225,6 +225,41 @@ def default_cache_dir() -> Path:
     return cache_dir() / "jax"
 
 
+def _atomic_cache_writes() -> None:
+    """Makes JAX's file cache write each entry whole: to a temp file, then renamed in place.
+
+    JAX writes an entry in place (`Path.write_bytes`); two processes that compile the same
+    program at once (a driver and its actors, two actors) can interleave their bytes, and a
+    process that later loads that entry crashes in the executable's deserialisation (a
+    segfault, seen in a test run). Only the unbounded cache is patched (no eviction: the
+    default); the bounded one keeps JAX's own locking."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:  # a JAX without this module: leave it as it is
+        return
+    cls = lru_cache.LRUCache
+    if getattr(cls, "_whole_writes", False) or not hasattr(cls, "put"):
+        return
+    put = cls.put
+    suffix = getattr(lru_cache, "_CACHE_SUFFIX", "-cache")
+
+    def whole_put(self: Any, key: str, value: bytes) -> None:
+        if getattr(self, "eviction_enabled", True) or not key:
+            return put(self, key, value)
+        path = Path(self.path) / f"{key}{suffix}"
+        if path.exists():
+            return None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(value)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return None
+
+    cls.put, cls._whole_writes = whole_put, True
+
+
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache (once per process); returns its directory.
 
@@ -249,6 +284,7 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _atomic_cache_writes()
     _cache_dir = d
     log.info("JAX persistent compilation cache: %s", d)
     return d

@@ -173,7 +173,7 @@ def test_270m_extraction_and_classification_jobs(ray_cluster, tmp_path):
     print(f"270M classification: {right}/40 topics right")
 
 
-@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-recurrentgemma"])
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma2", "tiny-recurrentgemma"])
 def test_formatted_rows_do_not_depend_on_batching(tmp_path, model):
     """The same rows through a closed batch and through the streaming engine (split over two
     concurrent batches): the same outputs, choices, probabilities and log-probabilities."""
