@@ -13,7 +13,7 @@ context + N + slack, as a generator would size it.
     python bench/griffin_speed.py --steps 64 --batch 16 --contexts 1024 8192 16384
 
 Prints the CPU, a table, the 8K/1K ratios (of medians), and as its last line one JSON object.
-Target: RecurrentGemma's 8K rate >= 0.9x its 1K rate.
+Target: RecurrentGemma's 8K rate >= 0.95x its 1K rate.
 """
 
 from __future__ import annotations
@@ -124,11 +124,11 @@ def main() -> None:
         return by[hi] / by[lo]
 
     rg, gm = ratio("recurrentgemma"), ratio("gemma(same width)")
-    print(f"median rate at {hi} / at {lo}: recurrentgemma {rg:.2f}x (target >= 0.9x: "
-          f"{'met' if rg >= 0.9 else 'MISSED'}), gemma {gm:.2f}x; {machine_line(mach)}")
+    print(f"median rate at {hi} / at {lo}: recurrentgemma {rg:.2f}x (target >= 0.95x: "
+          f"{'met' if rg >= 0.95 else 'MISSED'}), gemma {gm:.2f}x; {machine_line(mach)}")
     print(json.dumps({"bench": "griffin_speed", **mach, "device": jax.devices()[0].device_kind,
                       "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
-                      "rg_rate_ratio": rg, "gemma_rate_ratio": gm, "target_met": rg >= 0.9,
+                      "rg_rate_ratio": rg, "gemma_rate_ratio": gm, "target_met": rg >= 0.95,
                       "results": res}))
 
 
