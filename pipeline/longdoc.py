@@ -44,8 +44,9 @@ def _piece_text(tokenizer: Any, t: int) -> str:
 def cut_scores(tokenizer: Any, ids: Sequence[int]) -> np.ndarray:
     """int8 [N]: how good a chunk boundary after each token is (see the scores above)."""
     cache: dict[int, str] = {}
-    texts = [cache.setdefault(int(t), _piece_text(tokenizer, t)) if int(t) not in cache
-             else cache[int(t)] for t in ids]
+    for t in set(int(t) for t in ids):
+        cache[t] = _piece_text(tokenizer, t)
+    texts = [cache[int(t)] for t in ids]
     out = np.zeros((len(ids),), np.int8)
     for i, s in enumerate(texts):
         prev = texts[i - 1] if i else ""
