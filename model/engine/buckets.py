@@ -229,10 +229,10 @@ def _atomic_cache_writes() -> None:
     """Makes JAX's file cache write each entry whole: to a temp file, then renamed in place.
 
     JAX writes an entry in place (`Path.write_bytes`); two processes that compile the same
-    program at once (a driver and its actors, two actors) can interleave their bytes, and a
-    process that later loads that entry crashes in the executable's deserialisation (a
-    segfault, seen in a test run). Only the unbounded cache is patched (no eviction: the
-    default); the bounded one keeps JAX's own locking."""
+    program at once (a driver and its actors, two actors) can interleave their bytes, or a
+    reader can see a half-written entry, and loading a damaged executable is not checked.
+    Only the unbounded cache is patched (no eviction: the default); the bounded one keeps
+    JAX's own locking."""
     try:
         from jax._src import lru_cache
     except ImportError:  # a JAX without this module: leave it as it is
