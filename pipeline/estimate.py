@@ -67,7 +67,7 @@ def count_tokens(spec: JobSpec, plan: Plan, model: Any, limit: int = SAMPLE_ROWS
             # Its chunks, each in a prompt frame (the reduce levels' summaries are left out).
             n_text = len(builder.tok.encode(str(text)))
             chunks = -(-n_text // max(1, usable_tokens(builder) - OVERLAP_TOKENS))
-            lengths.append(n_text + chunks * builder.frame_tokens())
+            lengths.append(n_text + chunks * builder.frame_tokens)
             long_docs += 1
         elif p.ids is None:
             errors += 1

@@ -16,6 +16,7 @@ reads as the model saw text in training); that space is not part of `output`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -147,11 +148,16 @@ class JobFormat:
     def constrained(self) -> bool:
         return self.automaton is not None
 
+    @functools.cached_property
+    def parsed_type(self) -> pa.DataType:
+        """json: the Arrow type of `parsed` (derived from the schema once)."""
+        return arrow_type(self.spec)
+
     def fields(self) -> list[pa.Field]:
         """The output columns this format adds."""
         out = []
         if self.kind == "json":
-            out.append(pa.field("parsed", arrow_type(self.spec)))
+            out.append(pa.field("parsed", self.parsed_type))
         if self.kind == "choice":
             out.append(pa.field("choice", pa.string()))
         if self.logprobs:
@@ -189,7 +195,7 @@ class JobFormat:
                 + (" or bound the schema's strings (maxLength)" if self.kind == "json" else "")))
         if self.kind == "json":
             try:
-                values["parsed"] = to_arrow(json.loads(text), self.fields()[0].type)
+                values["parsed"] = to_arrow(json.loads(text), self.parsed_type)
             except ValueError as e:
                 return text, values, ("parse", f"the output is not the schema's JSON: {e}")
         if self.kind == "choice":

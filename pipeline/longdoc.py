@@ -99,7 +99,7 @@ class LongDocumentError(Exception):
 
 def usable_tokens(builder: PromptBuilder) -> int:
     """Text tokens one prompt can hold under this builder's limit."""
-    return builder.s.max_prompt_tokens - builder.frame_tokens() - _MARGIN
+    return builder.s.max_prompt_tokens - builder.frame_tokens - _MARGIN
 
 
 async def map_reduce(text: str, builder: PromptBuilder, generate: Generate, seed: int

@@ -12,6 +12,7 @@ schema, its fields and their types).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Literal, Sequence
 
@@ -228,8 +229,9 @@ class PromptBuilder:
             ids.extend(e)
         return Prompt(ids, truncated=truncated)
 
+    @functools.cached_property
     def frame_tokens(self) -> int:
-        """Tokens a prompt takes besides its text (the template, BOS), about."""
+        """Tokens a prompt takes besides its text (the template, BOS), about (measured once)."""
         return len(self.build("x").ids or ()) - len(self.tok.encode(" x"))
 
     def build_many(
