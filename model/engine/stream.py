@@ -22,6 +22,7 @@ import concurrent.futures
 import heapq
 import dataclasses
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -316,11 +317,17 @@ class StreamEngine:
     A failed device call fails the rows in flight with its error (the stream restarts empty);
     `close` stops the thread and fails the rows not done. `call` runs other work on the engine
     (e.g. scoring) on the same thread, between decode calls.
+
+    `gather_s`: when rows arrive at an idle engine, it waits this long for more before placing
+    any, so batches submitted together (a Ray actor's concurrent batches) are placed as one set
+    (the longest budgets first, slots and cache shaped for all of them) rather than the first
+    batch alone and the rest into slots shaped for it.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, poll_steps: int = 16,
-                 **stream_kw: Any):
+                 gather_s: float = 0.25, **stream_kw: Any):
         self.stream = Stream(engine, tokenizer, poll_steps=poll_steps, **stream_kw)
+        self.gather_s = gather_s
         self._lock = threading.Condition()
         self._inbox: list[tuple[list[Request], list[concurrent.futures.Future]]] = []
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
@@ -367,6 +374,10 @@ class StreamEngine:
             while (not self._inbox and not self._calls and self.stream.idle
                    and not self._closed):
                 self._lock.wait()
+            if self._inbox and self.stream.idle and self.gather_s > 0:
+                deadline = time.monotonic() + self.gather_s
+                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._lock.wait(left)
             inbox, self._inbox = self._inbox, []
             calls, self._calls = self._calls, []
         for fn, fut in calls:

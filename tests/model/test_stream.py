@@ -126,3 +126,26 @@ def test_stream_engine_futures_from_threads():
         assert fs[2].result(timeout=300).tokens == want[1].tokens
     finally:
         se.close()
+
+
+def test_idle_stream_engine_places_batches_submitted_together_as_one_set():
+    # Two batches 50 ms apart reach an idle engine: it gathers both before placing any, so the
+    # long rows of the second start first and the slots are shaped for all four rows at once
+    # (no resize), as one `generate` over the four would place them.
+    engine = engine_of("tiny-gemma3")
+    rng = np.random.default_rng(3)
+    short = [Request([2] + rng.integers(4, 300, size=4).tolist(), max_new_tokens=20,
+                     row_id=i) for i in range(2)]
+    long = [Request([2] + rng.integers(4, 300, size=79).tolist(), max_new_tokens=90,
+                    row_id=2 + i) for i in range(2)]
+    want = reference(engine, short + long)
+    se = StreamEngine(engine, None, max_batch=4, gather_s=0.5)
+    try:
+        fs = se.submit(short)
+        time.sleep(0.05)
+        fs += se.submit(long)
+        got = [f.result(timeout=300) for f in fs]
+    finally:
+        se.close()
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    assert se.stream.stats.resizes == 0
