@@ -139,7 +139,7 @@ def test_idle_stream_engine_places_batches_submitted_together_as_one_set():
     long = [Request([2] + rng.integers(4, 300, size=79).tolist(), max_new_tokens=90,
                     row_id=2 + i) for i in range(2)]
     want = reference(engine, short + long)
-    se = StreamEngine(engine, None, max_batch=4, gather_s=0.5)
+    se = StreamEngine(engine, None, max_batch=4, gather_s=2.0)
     try:
         fs = se.submit(short)
         time.sleep(0.05)
