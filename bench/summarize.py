@@ -1,7 +1,7 @@
 """Summarisation as users run it: real prompt frames and documents, stop at the end of the line.
 
     python bench/summarize.py [--rows 24] [--batch 8] [--max-new 32] [--repeats 3] \
-        [--skip-hf] [--skip-llamacpp] [--long-only | --demo-only]
+        [--dtype float32] [--skip-hf] [--skip-llamacpp] [--long-only | --demo-only]
 
 Two corpora, each built from the demo documents with the job's own prompt builder (the few-shot
 summary frame of the embedded base model):
@@ -10,7 +10,8 @@ summary frame of the embedded base model):
 Every engine gets the same token ids, greedy, at most --max-new tokens, and the same stop rule:
 a row ends at its first token whose text holds a newline (the job's stop string; HF gets those
 ids as eos_token_id, llama.cpp checks them per sequence, ours stops on them on device). Sides:
-  * ours: `Model.generate` in batches of --batch rows (packed prefill, prefix reuse);
+  * ours: `Model.generate` in batches of --batch rows (packed prefill, prefix reuse), in
+    --dtype (float32: the CPU default; bfloat16 to compare like with like against hf_bf16);
   * ours_no_reuse: the same without prefix reuse (prefill every prompt in full);
   * hf_fp32 / hf_bf16: transformers `generate` in batches of --batch (left padding);
   * llamacpp_single: llama.cpp on the same GGUF, one row at a time (2 threads);
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="our compute dtype")
     ap.add_argument("--llama-threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
@@ -72,7 +75,7 @@ def main() -> None:
 
     mach = machine()
     print(machine_line(mach), flush=True)
-    model = load_model("gemma3-270m", dtype="float32")
+    model = load_model("gemma3-270m", dtype=a.dtype)
     stop_ids = stop_string_tokens(model.tokenizer, ["\n"])
     sets = corpora(model, a.rows)
     if a.demo_only:
@@ -146,7 +149,8 @@ def main() -> None:
         best = max((r[p]["rows_s"]["median"] for p in peers_ if p in r), default=None)
         return round(r["ours"]["rows_s"]["median"] / best, 3) if best else None
 
-    out = {"cpu": mach["cpu"], "simd": mach["simd"], "cores": mach["cpu_count"]}
+    out = {"cpu": mach["cpu"], "simd": mach["simd"], "cores": mach["cpu_count"],
+           "ours_dtype": a.dtype}
     for c in results:
         out[c] = {"vs_hf": ratio(c, ("hf_fp32", "hf_bf16")),
                   "vs_llamacpp": ratio(c, ("llamacpp_single", "llamacpp_batched")),

@@ -52,6 +52,12 @@ def pytest_runtest_logreport(report) -> None:
     _note_skip(report)
 
 
+def pytest_configure(config) -> None:
+    # The slowest tests are listed at the end of every run (CI must stay under 30 minutes).
+    if getattr(config.option, "durations", None) is None:
+        config.option.durations = 25
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Under CI=true a skip is a failure: CI installs every package the suite imports."""
     if _ci() and _SKIPPED and exitstatus in (0, 5):  # 5: every test of the run was skipped
