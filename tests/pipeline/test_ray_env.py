@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.ray_env import NICENESS_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
@@ -22,7 +24,7 @@ print(json.dumps({"nice": nice, "env_after": left}))
 
 
 def _probe(extra_env: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", NICENESS_ENV)}
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), **extra_env})
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=240)
@@ -38,5 +40,5 @@ def test_local_cluster_workers_run_at_default_priority_and_env_is_restored():
 
 
 def test_user_niceness_setting_wins():
-    r = _probe({"RAY_worker_niceness": "7"})
+    r = _probe({NICENESS_ENV: "7"})
     assert r == {"nice": 7, "env_after": "7"}
