@@ -148,10 +148,11 @@ def prefill_program(family: Family, cfg: ModelConfig, axes: Any,
     return prefill
 
 
-def vocab_major_head(params: Params, b: int) -> bool:
-    """Whether decode computes [V, B] logits (float32 on CPU with 2..32 slots: measured faster)."""
-    return (jax.default_backend() == "cpu" and 2 <= b <= 32
-            and all(leaf.dtype != jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(params)))
+def vocab_major_head(b: int) -> bool:
+    """Whether decode computes [V, B] logits: on CPU with 2..32 slots, in float32 and bfloat16
+    alike (measured faster: float32 at 16 slots; bfloat16 at 8 slots, the 270M's decode step
+    99 -> 69 ms on an AVX512-BF16 CPU). One bf16 row would take XLA's slow path: row-major."""
+    return jax.default_backend() == "cpu" and 2 <= b <= 32
 
 
 def decode_program(family: Family, cfg: ModelConfig,
@@ -175,7 +176,7 @@ def decode_program(family: Family, cfg: ModelConfig,
         b = slots.active.shape[0]
         rows_b = jnp.arange(b)
         out_len = slots.out.shape[1]
-        vocab_major = vocab_major_head(params, b)
+        vocab_major = vocab_major_head(b)
 
         def cond(carry: tuple[Array, Array, State, Slots]) -> Array:
             step, _, _, sl = carry
