@@ -36,8 +36,8 @@ class Family(Protocol):
         """An empty generation state for `batch` rows of up to `max_len` positions."""
 
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array,
-                state: State | None, cfg: Any, vocab_major: bool = ...
-                ) -> tuple[jax.Array, State | None]:
+                state: State | None, cfg: Any, vocab_major: bool = ...,
+                head: Any = ...) -> tuple[jax.Array, State | None]:
         """tokens / positions int32 [B, T] (-1 = padding; position 0 starts a new sequence)
         -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1; new state)."""
 

@@ -297,8 +297,8 @@ def _attention_block(p: Params, x: Array, pos: Array, st: AttentionState | None,
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: GriffinState | None,
-            cfg: GriffinConfig, vocab_major: bool = False
-            ) -> tuple[Array, GriffinState | None]:
+            cfg: GriffinConfig, vocab_major: bool = False,
+            head: tuple[Array, Array] | None = None) -> tuple[Array, GriffinState | None]:
     """Runs the model over a chunk of tokens, carrying the state.
 
     Args:
@@ -310,6 +310,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
         without a cache.
       cfg: model config (static under jit).
       vocab_major: return decode logits as [V, B] (T must be 1; see `layers.unembed`).
+      head: `layers.split_head(params["embed"])` for vocab-major logits, or None.
     Returns:
       logits [B, T, V] float32 (garbage at padding) and the new state (None if state is None).
     """
@@ -350,7 +351,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: GriffinState
     if shift is not None:  # undo the roll
         back = (jnp.arange(t)[None, :] - shift[:, None]) % t
         x = jnp.take_along_axis(x, back[..., None], axis=1)
-    logits = unembed(x, embed, cfg.final_softcap, vocab_major)
+    logits = unembed(x, embed, cfg.final_softcap, vocab_major, head)
     return logits, (None if state is None else tuple(new_state))
 
 

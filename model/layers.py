@@ -37,21 +37,45 @@ def dot(spec: str, a: Array, b: Array, out_dtype: Any = None) -> Array:
     return out.astype(out_dtype)
 
 
-def unembed(x: Array, embed: Array, cap: float | None, vocab_major: bool = False) -> Array:
+def unembed(x: Array, embed: Array, cap: float | None, vocab_major: bool = False,
+            head: tuple[Array, Array] | None = None) -> Array:
     """Tied output projection to float32 logits, soft-capped.
 
     x: [B, T, D]; embed: [V, D]. Returns [B, T, V], or with `vocab_major` (T must be 1) [V, B]:
     for a few rows XLA's CPU dot computes E @ x^T faster than x @ E^T (16 rows of Gemma 3 270M,
     with the greedy argmax: ~15-20% faster, also at 32 rows), and a decode step's greedy rows
-    can take the argmax along V without a transpose.
+    can take the argmax along V without a transpose. `head`: `split_head(embed)`, used instead
+    of `embed` for vocab-major logits (see `split_head_logits`).
     """
     if vocab_major:
         if x.shape[1] != 1:
             raise ValueError(f"vocab_major logits need one token per row, got T={x.shape[1]}")
-        logits = jnp.einsum("vd,bd->vb", embed, x[:, 0], preferred_element_type=jnp.float32)
+        logits = (split_head_logits(x[:, 0], *head) if head is not None else
+                  jnp.einsum("vd,bd->vb", embed, x[:, 0], preferred_element_type=jnp.float32))
     else:
         logits = dot("btd,vd->btv", x, embed, jnp.float32)
     return softcap(logits, cap)
+
+
+def split_head(embed: Array) -> tuple[Array, Array]:
+    """A float32 embedding [V, D] as two bfloat16 halves (hi, lo), hi + lo = embed to 16
+    mantissa bits (2^-17 relative): the same bytes, read by XLA's fast bf16 CPU products."""
+    hi = embed.astype(jnp.bfloat16)
+    return hi, (embed - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def split_head_logits(x_bd: Array, hi: Array, lo: Array) -> Array:
+    """E @ x^T [V, B] float32 from `split_head` halves: hi.x_hi + hi.x_lo + lo.x_hi, each a
+    bf16 product accumulated in float32 (hi read once for both x halves). Error ~4e-6 of the
+    logits' scale (measured: 8.5e-5 at logits ~20); ~1.5x faster than the float32 product on
+    an AVX512-BF16 CPU (270M head at 8 rows: 45 -> 30 ms)."""
+    b = x_bd.shape[0]
+    x_hi = x_bd.astype(jnp.bfloat16)
+    x_lo = (x_bd.astype(jnp.float32) - x_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    both = jnp.einsum("vd,bd->vb", hi, jnp.concatenate([x_hi, x_lo]),
+                      preferred_element_type=jnp.float32)  # [V, 2B]
+    return (both[:, :b] + both[:, b:]) + jnp.einsum("vd,bd->vb", lo, x_hi,
+                                                     preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: Array, w: Array, eps: float = 1e-6) -> Array:

@@ -224,7 +224,8 @@ def _mlp(layer: Params, x: Array) -> Array:
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,
-            cfg: GemmaConfig, vocab_major: bool = False) -> tuple[Array, KVState | None]:
+            cfg: GemmaConfig, vocab_major: bool = False, head: tuple[Array, Array] | None = None
+            ) -> tuple[Array, KVState | None]:
     """Runs the decoder over a chunk of tokens.
 
     Args:
@@ -235,6 +236,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
       state: caches from `init_state`, or None for a full causal forward without cache.
       cfg: static config.
       vocab_major: return decode logits as [V, B] (T must be 1; see `layers.unembed`).
+      head: `layers.split_head(params["embed"])` for vocab-major logits, or None.
     Returns:
       (logits [B, T, V] float32, updated state or None).
     """
@@ -264,7 +266,7 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             new_v.append(kv[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major)
+    logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major, head)
     if state is None:
         return logits, None
     new_state = KVState(

@@ -22,8 +22,8 @@ from model.config import ModelConfig
 from model.engine import sampling
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
 from model.engine.constrain import Automaton, advance, mask_to_format
-from model.engine.rows import (batch_axes, copy_prefix, deactivate, put_rows, resize,
-                               state_dtype, take_rows)
+from model.engine.rows import (batch_axes, copy_prefix, deactivate, decode_head, put_rows,
+                               resize, state_dtype, take_rows)
 from model.family import Family, Params, State
 
 Array = jax.Array
@@ -159,7 +159,7 @@ def decode_program(family: Family, cfg: ModelConfig,
                    constrain: Callable[[State], State] = _keep,
                    formatted: bool = False, logprobs: bool = False) -> Callable:
     """(params, state, slots, stop ids [S], max_steps, min_free, token_class [V], next_sc
-    [S', C]) -> (state, slots, steps, busy).
+    [S', C], head: `rows.decode_head` or None) -> (state, slots, steps, busy).
 
     One `lax.while_loop`: every active slot gets its next token per step, until no slot is
     active, `max_steps` steps ran, or at least `min_free` slots are free; `busy` counts the
@@ -171,7 +171,7 @@ def decode_program(family: Family, cfg: ModelConfig,
     """
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
-               min_free: Array, token_class_v: Array, next_sc: Array
+               min_free: Array, token_class_v: Array, next_sc: Array, head: Any
                ) -> tuple[State, Slots, Array]:
         b = slots.active.shape[0]
         rows_b = jnp.arange(b)
@@ -188,7 +188,7 @@ def decode_program(family: Family, cfg: ModelConfig,
             act_b, rs = sl.active, sl.settings
             positions_b1 = jnp.where(act_b, sl.pos, -1)[:, None]
             logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
-                                        vocab_major=vocab_major)
+                                        vocab_major, head if vocab_major else None)
             keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
             logits = raw = logits if vocab_major else logits[:, 0]
             if formatted:
@@ -247,6 +247,7 @@ class Engine:
                                                      "parameter")
             params = sharding.place(params, self._param_sh)
         self.family, self.cfg, self.params, self.buckets = family, cfg, params, buckets
+        self.head = decode_head(params, self.mesh)  # bf16 halves of a big CPU head, or None
         self.dtype = dtype or state_dtype(params)
         self.compile_log = CompileLog()
         self._axes: dict[int, Any] = {}
@@ -385,13 +386,13 @@ class Engine:
         tables = tables or (self._put(np.zeros((1,), np.int32)),
                             self._put(np.zeros((1, 1), np.int32)))
         args = (self.params, state, slots, self._put(stop_ids),
-                self._put(np.int32(max_steps)), self._put(np.int32(min_free)), *tables)
+                self._put(np.int32(max_steps)), self._put(np.int32(min_free)), *tables, self.head)
         shape = tuple(tables[1].shape) if formatted else None
 
         def shardings() -> tuple[Any, Any]:
             st, sl = self.state_shardings(b, length), self._slots_sh(slots)
             rep = sharding.replicated(self.mesh)
-            return (self._param_sh, st, sl, rep, rep, rep, rep, rep), (st, sl, rep, rep)
+            return (self._param_sh, st, sl, rep, rep, rep, rep, rep, rep), (st, sl, rep, rep)
 
         fn = self.compile_log.get(
             ("decode", b, length, o, len(stop_ids), shape, logprobs), "decode",

@@ -392,6 +392,9 @@ def test_real_config_and_info(real):
     assert ours.config == PRESETS["gemma3-270m"]
     assert ours.prompt_format == "completion" and not ours.info["instruction_tuned"]
     assert set(ours.info["tensor_types"]) == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    # Its engine decodes with the split bf16 head (model/engine/rows.py `decode_head`): the
+    # greedy parity with transformers below holds for it.
+    assert ours.engine.head is not None
 
 
 def test_real_logits_and_greedy_match_transformers(real):
