@@ -39,7 +39,8 @@ class Family(Protocol):
                 state: State | None, cfg: Any, vocab_major: bool = ...,
                 head: Any = ...) -> tuple[jax.Array, State | None]:
         """tokens / positions int32 [B, T] (-1 = padding; position 0 starts a new sequence)
-        -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1; new state)."""
+        -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1, from `head`'s
+        bf16 halves when given (`layers.split_head`); new state)."""
 
     def forward_packed(self, params: Params, pack: Any, state: State, prefix: State,
                        prefix_len: int, span: int, cfg: Any) -> tuple[jax.Array, State]:

@@ -188,7 +188,7 @@ def decode_program(family: Family, cfg: ModelConfig,
             act_b, rs = sl.active, sl.settings
             positions_b1 = jnp.where(act_b, sl.pos, -1)[:, None]
             logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
-                                        vocab_major, head if vocab_major else None)
+                                        vocab_major, head)
             keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
             logits = raw = logits if vocab_major else logits[:, 0]
             if formatted:
@@ -247,7 +247,6 @@ class Engine:
                                                      "parameter")
             params = sharding.place(params, self._param_sh)
         self.family, self.cfg, self.params, self.buckets = family, cfg, params, buckets
-        self.head = decode_head(params, self.mesh)  # bf16 halves of a big CPU head, or None
         self.dtype = dtype or state_dtype(params)
         self.compile_log = CompileLog()
         self._axes: dict[int, Any] = {}
@@ -266,6 +265,11 @@ class Engine:
         mesh = f", mesh={sharding.mesh_dict(self.mesh)}" if self.mesh is not None else ""
         return (f"Engine({self.family.__name__}, {type(self.cfg).__name__}, "
                 f"dtype={jnp.dtype(self.dtype)}{mesh}, programs={self.compile_log.count})")
+
+    @functools.cached_property
+    def head(self) -> Any:
+        """`decode_head(params)`, made at the first decode (a scoring-only engine never has it)."""
+        return decode_head(self.params, self.mesh)
 
     def axes(self, length: int) -> Any:
         """Per state leaf of a cache of length L, its batch axis (see `batch_axes`)."""

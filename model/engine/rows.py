@@ -110,8 +110,8 @@ def decode_head(params: Any, mesh: Any) -> tuple[Array, Array] | None:
     """The tied head as bf16 halves for decode's vocab-major logits (`layers.split_head`), or
     None: on one CPU device, for a float32 model whose head V x D >= 2^24 (the 270M's head is
     ~45% of a decode step; small heads stay exact float32). Same bytes as the head it reads."""
-    embed = params.get("embed") if isinstance(params, dict) else None
-    if (mesh is not None or jax.default_backend() != "cpu" or embed is None
-            or embed.dtype != jnp.float32 or embed.size < 1 << 24):
+    embed = params["embed"]
+    if (mesh is not None or jax.default_backend() != "cpu" or embed.dtype != jnp.float32
+            or embed.size < 1 << 24):
         return None
     return jax.jit(split_head)(embed)
