@@ -51,9 +51,9 @@ def build_hf(model, tmp: Path) -> Path:
         sd[a + "v_proj.weight"] = t(np.asarray(L["v"]).transpose(1, 2, 0).reshape(k * dh, d))
         sd[a + "o_proj.weight"] = t(np.asarray(L["o"]).transpose(2, 0, 1).reshape(d, h * dh))
         sd[a + "q_norm.weight"], sd[a + "k_norm.weight"] = t(L["q_norm"]), t(L["k_norm"])
-        sd[m + "gate_proj.weight"] = t(np.asarray(L["gate"]).T)
-        sd[m + "up_proj.weight"] = t(np.asarray(L["up"]).T)
-        sd[m + "down_proj.weight"] = t(np.asarray(L["down"]).T)
+        sd[m + "gate_proj.weight"] = t(np.asarray(L["gate"]))  # both [out, in]
+        sd[m + "up_proj.weight"] = t(np.asarray(L["up"]))
+        sd[m + "down_proj.weight"] = t(np.asarray(L["down"]))
         sd[n + "input_layernorm.weight"] = t(L["attn_norm"])
         sd[n + "post_attention_layernorm.weight"] = t(L["post_attn_norm"])
         sd[n + "pre_feedforward_layernorm.weight"] = t(L["ffw_norm"])

@@ -12,8 +12,9 @@ V vocabulary, W conv1d width, N blocks of the block-diagonal RG-LRU gates (= H),
 
 Parameter tree (norm weights stored as HF stores them; the scale applied is 1 + w):
   {"embed": [V, D], "final_norm": [D], "layers": [block, ...]} where every block has
-  "temporal_norm" [D], "channel_norm" [D], and the GeGLU MLP "gate" [D, F], "gate_b" [F],
-  "up" [D, F], "up_b" [F], "down" [F, D], "down_b" [D]; a recurrent block adds
+  "temporal_norm" [D], "channel_norm" [D], and the GeGLU MLP "gate" [F, D], "gate_b" [F],
+  "up" [F, D], "up_b" [F], "down" [D, F], "down_b" [D] ([out, in], as in model/transformer.py);
+  a recurrent block adds
   "linear_x" [D, L], "linear_x_b" [L], "linear_y" [D, L], "linear_y_b" [L],
   "linear_out" [L, D], "linear_out_b" [D], "conv_w" [W, L] (conv_w[W-1] multiplies the
   current step), "conv_b" [L], "input_gate" [N, I, I], "input_gate_b" [N, I],
@@ -52,9 +53,9 @@ FIXED_STATE = True  # see model/family.py
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "embed": ("vocab", "embed"),  # [V, D]
     "final_norm": ("embed",), "temporal_norm": ("embed",), "channel_norm": ("embed",),
-    "gate": ("embed", "mlp"), "up": ("embed", "mlp"),  # [D, F]
+    "gate": ("mlp", "embed"), "up": ("mlp", "embed"),  # [F, D]
     "gate_b": ("mlp",), "up_b": ("mlp",),
-    "down": ("mlp", "embed"), "down_b": ("embed",),  # [F, D]
+    "down": ("embed", "mlp"), "down_b": ("embed",),  # [D, F]
     "linear_x": ("embed", "lru_width"), "linear_y": ("embed", "lru_width"),  # [D, L]
     "linear_x_b": ("lru_width",), "linear_y_b": ("lru_width",),
     "linear_out": ("lru_width", "embed"), "linear_out_b": ("embed",),  # [L, D]
@@ -124,9 +125,9 @@ def init_params(cfg: GriffinConfig, key: Array, dtype: Any = jnp.float32) -> Par
     for kind in cfg.block_types:
         p: Params = {
             "temporal_norm": zeros(d), "channel_norm": zeros(d),
-            "gate": normal((d, f), d**-0.5), "gate_b": zeros(f),
-            "up": normal((d, f), d**-0.5), "up_b": zeros(f),
-            "down": normal((f, d), math.sqrt(final_var / f)), "down_b": zeros(d),
+            "gate": normal((d, f), d**-0.5).T, "gate_b": zeros(f),  # drawn [D, F], kept [F, D]
+            "up": normal((d, f), d**-0.5).T, "up_b": zeros(f),
+            "down": normal((f, d), math.sqrt(final_var / f)).T, "down_b": zeros(d),
         }
         if kind == "recurrent":
             p.update({

@@ -47,9 +47,9 @@ def embed_scale(d_model: int) -> float:
 
 def mlp(p: Params, x: Array) -> Array:
     """GeGLU MLP with biases: [B, T, D] -> [B, T, D]."""
-    gate = gelu_tanh(dot("btd,df->btf", x, p["gate"]) + p["gate_b"])  # [B, T, F]
-    up = dot("btd,df->btf", x, p["up"]) + p["up_b"]
-    return dot("btf,fd->btd", gate * up, p["down"]) + p["down_b"]
+    gate = gelu_tanh(dot("btd,fd->btf", x, p["gate"]) + p["gate_b"])  # [B, T, F]
+    up = dot("btd,fd->btf", x, p["up"]) + p["up_b"]
+    return dot("btf,df->btd", gate * up, p["down"]) + p["down_b"]
 
 
 def rg_lru(p: Params, x: Array, pos: Array, h0: Array | None, cfg: GriffinConfig,

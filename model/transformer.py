@@ -63,8 +63,10 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "v": ("embed", "kv_heads", "head_dim"),
     "o": ("heads", "head_dim", "embed"),  # [H, Dh, D]
     "q_norm": ("head_dim",), "k_norm": ("head_dim",),
-    "gate": ("embed", "mlp"), "up": ("embed", "mlp"),  # [D, F]
-    "down": ("mlp", "embed"),  # [F, D]
+    # MLP weights [out, in], contracted on their last axis (as checkpoints store them): XLA's CPU
+    # dots run decode's few-row products ~25% faster that way than on [in, out].
+    "gate": ("mlp", "embed"), "up": ("mlp", "embed"),  # [F, D]
+    "down": ("embed", "mlp"),  # [D, F]
 }
 STATE_AXES: dict[str, tuple[str | None, ...]] = {
     "k": ("batch", "cache_len", "kv_heads", "head_dim"),  # [B, S, K, Dh]
@@ -97,9 +99,9 @@ def init_params(cfg: GemmaConfig, key: Array, dtype: Any = jnp.float32) -> Param
             "v": normal((d, k, dh), d),
             "o": normal((h, dh, d), h * dh),
             "ffw_norm": norm(d),
-            "gate": normal((d, f), d),
-            "up": normal((d, f), d),
-            "down": normal((f, d), f),
+            "gate": normal((d, f), d).T,  # [F, D]: drawn as [D, F] (same values as before)
+            "up": normal((d, f), d).T,
+            "down": normal((f, d), f).T,  # [D, F]
         }
         if cfg.qk_norm:
             layer["q_norm"], layer["k_norm"] = norm(dh), norm(dh)
@@ -219,8 +221,8 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
 
 
 def _mlp(layer: Params, x: Array) -> Array:
-    gate = gelu_tanh(dot("btd,df->btf", x, layer["gate"]))  # [B, T, F]
-    return dot("btf,fd->btd", gate * dot("btd,df->btf", x, layer["up"]), layer["down"])
+    gate = gelu_tanh(dot("btd,fd->btf", x, layer["gate"]))  # [B, T, F]
+    return dot("btf,df->btd", gate * dot("btd,fd->btf", x, layer["up"]), layer["down"])
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,

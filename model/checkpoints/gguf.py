@@ -78,7 +78,7 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
     d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
     expected: dict[str, tuple[int, ...]] = {
         "q": (d, h, dh), "k": (d, k, dh), "v": (d, k, dh), "o": (h, dh, d),
-        "gate": (d, f), "up": (d, f), "down": (f, d),
+        "gate": (f, d), "up": (f, d), "down": (d, f),
         "attn_norm": (d,), "ffw_norm": (d,), "post_attn_norm": (d,), "post_ffw_norm": (d,),
         "q_norm": (dh,), "k_norm": (dh,),
     }
@@ -105,9 +105,7 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
             w = w.T.reshape(d, k, dh)
         elif name == "o":  # [D, H*Dh] -> [H, Dh, D]
             w = w.T.reshape(h, dh, d)
-        elif name in ("gate", "up", "down"):  # [out, in] -> [in, out]
-            w = w.T
-        elif is_norm:
+        elif is_norm:  # (MLP weights stay [out, in], as our MLP reads them)
             w = w - 1.0
         if w.shape != expected[name]:
             raise CheckpointError(

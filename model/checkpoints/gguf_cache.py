@@ -15,7 +15,9 @@ import numpy as np
 from model.config import GemmaConfig
 from model.paths import atomic_write, cache_dir
 
-CACHE_FORMAT = "gemma-batch-gguf-f32-v1"  # bump when the mapping in gguf.py changes
+# Bump when the mapping in gguf.py changes (v2: MLP weights kept [out, in]); entries of an older
+# format are removed when the new one is written.
+CACHE_FORMAT = "gemma-batch-gguf-f32-v2"
 
 Hit = tuple[GemmaConfig, dict[str, Any], dict[str, np.ndarray], bytes]  # cfg, info, flat, proto
 
@@ -82,4 +84,20 @@ def write_cache(path: Path, cfg: GemmaConfig, info: dict[str, Any],
         atomic_write(proto_file, lambda tmp: tmp.write_bytes(proto))
         atomic_write(weights_file, lambda tmp: save_file(flat, str(tmp), metadata=meta))
     except OSError:
-        pass  # a read-only cache only costs the dequantization next time
+        return  # a read-only cache only costs the dequantization next time
+    _drop_old_formats(weights_file.parent)
+
+
+def _drop_old_formats(base: Path) -> None:
+    """Removes cached trees written by an older CACHE_FORMAT (each the size of the model)."""
+    from safetensors import safe_open
+
+    for old in base.glob("*.safetensors"):
+        try:
+            with safe_open(old, framework="numpy") as f:
+                current = (f.metadata() or {}).get("format") == CACHE_FORMAT
+        except Exception:
+            current = False  # damaged: never read back either
+        if not current:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".tokenizer.model").unlink(missing_ok=True)

@@ -2,8 +2,8 @@
 
 Both readers (hf_griffin.py, orbax_griffin.py) use `stored_shapes` and `params_tree`; each entry
 names the stored tensor in either format, its stored shape and how it becomes ours. HF stores Linear
-weights [out, in] (we store [in, out]); the Flax tree stores kernels [in, out] and stacks the
-GeGLU gate and up projections as `ffw_up` [2, D, F]. JAX-free (numpy only).
+weights [out, in] (we store [in, out], except the MLP's, kept [out, in]); the Flax tree stores
+kernels [in, out] and stacks the GeGLU gate and up projections as `ffw_up` [2, D, F]. JAX-free (numpy only).
 """
 
 from __future__ import annotations
@@ -61,15 +61,15 @@ COMMON: tuple[Entry, ...] = (  # every block: norms and the GeGLU MLP
     _e("channel_norm", "channel_pre_norm.weight", lambda s: (s["D"],),
        "channel_pre_norm/scale", lambda s: (s["D"],)),
     _e("gate", _MLP + "gate_proj.weight", lambda s: (s["F"], s["D"]),
-       _UP + "w", lambda s: (2, s["D"], s["F"]), _t, lambda a, _: a[0]),
+       _UP + "w", lambda s: (2, s["D"], s["F"]), from_orbax=lambda a, _: a[0].T),
     _e("gate_b", _MLP + "gate_proj.bias", lambda s: (s["F"],),
        _UP + "b", lambda s: (2, 1, 1, s["F"]), from_orbax=lambda a, _: a[0].reshape(-1)),
     _e("up", _MLP + "up_proj.weight", lambda s: (s["F"], s["D"]),
-       _UP + "w", lambda s: (2, s["D"], s["F"]), _t, lambda a, _: a[1]),
+       _UP + "w", lambda s: (2, s["D"], s["F"]), from_orbax=lambda a, _: a[1].T),
     _e("up_b", _MLP + "up_proj.bias", lambda s: (s["F"],),
        _UP + "b", lambda s: (2, 1, 1, s["F"]), from_orbax=lambda a, _: a[1].reshape(-1)),
     _e("down", _MLP + "down_proj.weight", lambda s: (s["D"], s["F"]),
-       "mlp_block/ffw_down/kernel", lambda s: (s["F"], s["D"]), _t),
+       "mlp_block/ffw_down/kernel", lambda s: (s["F"], s["D"]), from_orbax=_t),
     _e("down_b", _MLP + "down_proj.bias", lambda s: (s["D"],),
        "mlp_block/ffw_down/bias", lambda s: (s["D"],)),
 )

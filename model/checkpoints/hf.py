@@ -55,9 +55,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: GemmaConfig, dtype: Any,
             "k": get(a + "k_proj.weight", (k * dh, d)).reshape(k, dh, d).transpose(2, 0, 1),
             "v": get(a + "v_proj.weight", (k * dh, d)).reshape(k, dh, d).transpose(2, 0, 1),
             "o": get(a + "o_proj.weight", (d, h * dh)).reshape(d, h, dh).transpose(1, 2, 0),
-            "gate": get(m + "gate_proj.weight", (f, d)).T,
-            "up": get(m + "up_proj.weight", (f, d)).T,
-            "down": get(m + "down_proj.weight", (d, f)).T,
+            "gate": get(m + "gate_proj.weight", (f, d)),  # [out, in], as our MLP reads them
+            "up": get(m + "up_proj.weight", (f, d)),
+            "down": get(m + "down_proj.weight", (d, f)),
         }
         if cfg.post_norms:
             layer["post_attn_norm"] = get(f"layers.{i}.post_attention_layernorm.weight", (d,))

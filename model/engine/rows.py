@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.cpu import fast_bf16
 from model.family import Family, State
 from model.layers import split_head
 
@@ -106,12 +107,16 @@ def state_dtype(params: Any) -> Any:
     return jnp.float32
 
 
-def decode_head(params: Any, mesh: Any) -> tuple[Array, Array] | None:
+def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None
+                ) -> tuple[Array, Array] | None:
     """The tied head as bf16 halves for decode's vocab-major logits (`layers.split_head`), or
-    None: on one CPU device, for a float32 model whose head V x D >= 2^24 (the 270M's head is
-    ~45% of a decode step; small heads stay exact float32). Same bytes as the head it reads."""
+    None: on one CPU device with native bf16 dot products (`bf16_dots`, default: this CPU's
+    `cpu.fast_bf16()`), for a float32 model whose head V x D >= 2^24 (the 270M's head is ~45%
+    of a decode step; small heads stay exact float32). Same bytes as the head it reads."""
     embed = params["embed"]
-    if (mesh is not None or jax.default_backend() != "cpu" or embed.dtype != jnp.float32
-            or embed.size < 1 << 24):
+    if bf16_dots is None:
+        bf16_dots = fast_bf16()
+    if (not bf16_dots or mesh is not None or jax.default_backend() != "cpu"
+            or embed.dtype != jnp.float32 or embed.size < 1 << 24):
         return None
     return jax.jit(split_head)(embed)

@@ -17,7 +17,9 @@ import torch
 from model import load_model
 from model.checkpoints import gguf as gg
 from model.config import PRESETS
+from model.cpu import fast_bf16
 from model.embedded import embedded_gguf_path
+from model.engine.rows import decode_head
 from model.errors import CheckpointError
 
 TINY = dict(d=64, heads=2, kv=1, dh=256, ffw=128, vocab=384, window=8)
@@ -179,8 +181,8 @@ def test_tiny_gemma3_config_and_mapping(tiny_files, cache):
     np.testing.assert_array_equal(lay["k"], t["attn_k.weight"].T.reshape(d, k, dh))
     np.testing.assert_array_equal(lay["v"], t["attn_v.weight"].T.reshape(d, k, dh))
     np.testing.assert_array_equal(lay["o"], t["attn_output.weight"].T.reshape(h, dh, d))
-    np.testing.assert_array_equal(lay["down"], t["ffn_down.weight"].T)
-    np.testing.assert_array_equal(lay["gate"], t["ffn_gate.weight"].T)
+    np.testing.assert_array_equal(lay["down"], t["ffn_down.weight"])  # [out, in] as stored
+    np.testing.assert_array_equal(lay["gate"], t["ffn_gate.weight"])
     for ours, theirs in [("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm"),
                          ("attn_norm", "attn_norm"), ("post_attn_norm", "post_attention_norm"),
                          ("ffw_norm", "ffn_norm"), ("post_ffw_norm", "post_ffw_norm")]:
@@ -232,6 +234,20 @@ def test_dequantized_tree_is_cached_and_a_damaged_cache_is_rebuilt(tiny_files, c
     cfg3, p3, _, _ = gg.load_gguf(path)
     np.testing.assert_array_equal(p3["embed"], p1["embed"])
     assert weights.stat().st_size > 1000
+
+
+def test_a_cache_entry_of_an_older_format_is_removed(tiny_files, cache):
+    from safetensors.numpy import save_file
+
+    base = cache / "gguf-f32"
+    base.mkdir(parents=True)
+    old = base / "tiny-0123456789abcdef01234567.safetensors"  # an earlier mapping's tree
+    save_file({"embed": np.zeros((2, 2), np.float32)}, str(old),
+              metadata={"format": "gemma-batch-gguf-f32-v1"})
+    old.with_suffix(".tokenizer.model").write_bytes(b"proto")
+    gg.load_gguf(tiny_files["gemma3"][0])
+    assert not old.exists() and not old.with_suffix(".tokenizer.model").exists()
+    assert len(list(base.glob("*.safetensors"))) == 1  # the current entry only
 
 
 @pytest.mark.parametrize("md, fmt", [
@@ -360,6 +376,9 @@ def embedded_greedy_run():
     generating are the expensive part of both files).
     """
     ours = load_model("gemma3-270m", dtype="float32")
+    # Decode with the split bf16 head on every CPU (jobs use it only where bf16 dots are native,
+    # model/cpu.py), so the greedy parity below holds for it everywhere.
+    ours.engine.head = decode_head(ours.engine.params, None, bf16_dots=True)
     prompts = [ours.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
     gens = ours.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
     for text, g in zip(PROMPTS, gens):
@@ -392,9 +411,11 @@ def test_real_config_and_info(real):
     assert ours.config == PRESETS["gemma3-270m"]
     assert ours.prompt_format == "completion" and not ours.info["instruction_tuned"]
     assert set(ours.info["tensor_types"]) == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
-    # Its engine decodes with the split bf16 head (model/engine/rows.py `decode_head`): the
-    # greedy parity with transformers below holds for it.
+    # Its engine decodes with the split bf16 head (model/engine/rows.py `decode_head`, set in
+    # embedded_greedy_run): the greedy parity with transformers below holds for it. A job's
+    # engine picks it by this CPU's bf16 dot products.
     assert ours.engine.head is not None
+    assert (decode_head(ours.engine.params, None) is not None) == fast_bf16()
 
 
 def test_real_logits_and_greedy_match_transformers(real):

@@ -111,9 +111,9 @@ def _flax_tree(params: dict, cfg) -> dict:
         blk = {"temporal_pre_norm": {"scale": n(p["temporal_norm"])},
                "channel_pre_norm": {"scale": n(p["channel_norm"])},
                "mlp_block": {
-                   "ffw_up": {"w": np.stack([n(p["gate"]), n(p["up"])]),
+                   "ffw_up": {"w": np.stack([n(p["gate"]).T, n(p["up"]).T]),
                               "b": np.stack([n(p["gate_b"]), n(p["up_b"])])[:, None, None]},
-                   "ffw_down": {"kernel": n(p["down"]), "bias": n(p["down_b"])}}}
+                   "ffw_down": {"kernel": n(p["down"]).T, "bias": n(p["down_b"])}}}
         if kind == "recurrent":
             blk["recurrent_block"] = {
                 **{nm: {"kernel": n(p[nm]), "bias": n(p[nm + "_b"])}
