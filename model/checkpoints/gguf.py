@@ -9,7 +9,8 @@ llama.cpp conventions undone here:
 * the converter stores every RMSNorm weight as `1 + w` (HF Gemma applies `1 + w` at run time,
   llama.cpp bakes it in): we subtract 1;
 * 2-D weights are stored [out, in] in numpy order (`attn_q` [H*Dh, D], `attn_output` [D, H*Dh],
-  `ffn_down` [D, F]); we transpose and split the heads;
+  `ffn_down` [D, F]); we transpose the attention weights and split their heads (the MLP's
+  stay [out, in], as our MLP reads them);
 * Gemma's RoPE is already the "rotate half" (NeoX) layout in llama.cpp, so q/k rows are not
   permuted (unlike llama-architecture files).
 Things llama.cpp hard-codes for Gemma 3 rather than storing: the local RoPE base (10,000) and
