@@ -3,7 +3,8 @@
 Both readers (hf_griffin.py, orbax_griffin.py) use `stored_shapes` and `params_tree`; each entry
 names the stored tensor in either format, its stored shape and how it becomes ours. HF stores Linear
 weights [out, in] (we store [in, out], except the MLP's, kept [out, in]); the Flax tree stores
-kernels [in, out] and stacks the GeGLU gate and up projections as `ffw_up` [2, D, F]. JAX-free (numpy only).
+kernels [in, out] and stacks the GeGLU gate and up projections as `ffw_up` [2, D, F].
+JAX-free (numpy only).
 """
 
 from __future__ import annotations
