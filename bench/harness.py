@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from model.cpu import cpu_flags, cpu_model
+
 # The SIMD features that decide which kernels XLA, torch and llama.cpp can use.
 SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
         "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -23,20 +25,8 @@ SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, core count and SIMD flags of this machine (from /proc/cpuinfo)."""
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "cpu model", "hardware") and not model:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
+    """CPU model, core count and SIMD flags of this machine (model/cpu.py: /proc/cpuinfo)."""
+    model, flags = cpu_model(), cpu_flags()
     return {"cpu": model, "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "simd": [f for f in SIMD if f in flags]}
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.cpu import cpu_model
 from model.paths import atomic_write, cache_dir
 
 VERSION = 1
@@ -19,18 +20,6 @@ VERSION = 1
 def table_path() -> Path:
     """`cache_dir()/calibration.json` ($GEMMA_BATCH_CACHE honoured)."""
     return cache_dir() / "calibration.json"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "cpu model", "hardware"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def this_device(accelerator: str) -> str:
