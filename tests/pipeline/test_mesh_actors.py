@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import pyarrow as pa, pyarrow.parquet as pq, ray
     from pipeline.storage import worker_env
     from pipeline.spec import build_spec
@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     texts = [f"Document {i}: " + "word " * (3 + 5 * i) for i in range(16)]
     pq.write_table(pa.table({"id": ids, "text": texts}), f"{tmp}/in.parquet", row_group_size=4)
     env = {**worker_env(), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                               "--xla_force_host_platform_device_count=4"]))}
     ray.init(num_cpus=2, resources={"chip": 8}, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env}, logging_level="ERROR")
     data = {"input": f"{tmp}/in.parquet", "output": f"{tmp}/out", "model": "tiny-gemma3",
