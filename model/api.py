@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,8 @@ class Model:
 
     def __init__(self, name: str, config: ModelConfig, params: Params,
                  tokenizer: Tokenizer | None, prompt_format: str = "completion",
-                 info: dict[str, Any] | None = None, mesh: jax.sharding.Mesh | None = None):
+                 info: dict[str, Any] | None = None, mesh: jax.sharding.Mesh | None = None,
+                 codes: Callable[[], dict[str, Any]] | None = None):
         self.name = name
         self.config = config
         self.tokenizer = tokenizer
@@ -58,7 +59,7 @@ class Model:
         self.family: Family = family_of(config)
         self.mesh = mesh if mesh is not None else sharding.mesh_of(params)
         # On a mesh of several devices the engine places the parameters (one device: as given).
-        self.engine = Engine(self.family, config, params, mesh=self.mesh)
+        self.engine = Engine(self.family, config, params, mesh=self.mesh, codes=codes)
         self.params = self.engine.params
         per_device = sharding.bytes_per_device(self.params)
         self.info = {**(info or {}), "mesh": sharding.mesh_dict(self.mesh),
@@ -174,7 +175,7 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: Any = None,
         mesh_shape = sharding.choose_mesh_shape(len(devices), sharding.tree_bytes(c.params),
                                                 sharding.device_memory(devices[0]))
     return Model(c.name, c.config, c.params, c.tokenizer, prompt_format or c.prompt_format,
-                 c.info, mesh=sharding.make_mesh(mesh_shape, devices))
+                 c.info, mesh=sharding.make_mesh(mesh_shape, devices), codes=c.codes)
 
 
 def describe(model: Model) -> dict[str, Any]:

@@ -26,11 +26,15 @@ from model import packed
 from model.config import GemmaConfig
 from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
                           write_slots)
+from model.quant import DecodeWeights, QWeight
 
 Array = jax.Array
 Params = dict[str, Any]
 
 _NEG = -1e30  # mask value for attention scores (float32)
+# Decode steps of up to this many rows read `DecodeWeights` (quantized) when given; more rows
+# make the products compute-bound, where XLA's float32 GEMM is the faster one.
+QUANT_MAX_ROWS = 32
 
 
 @flax.struct.dataclass
@@ -136,12 +140,24 @@ def _scatter_last(cache: Array, slots: Array, values: Array) -> Array:
                               values.reshape((b * t,) + values.shape[2:]))
 
 
-def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool
-         ) -> tuple[Array, Array, Array]:
+def _mat(spec: str, x: Array, layer: Params, name: str, ql: dict[str, QWeight]) -> Array:
+    """x times the layer's matrix `name` (einsum `spec` on the float32 weight), or through its
+    quantized copy in `ql` when there is one (same product, same output shape)."""
+    w = layer[name]
+    qw = ql.get(name)
+    if qw is None:
+        return dot(spec, x, w)
+    out_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
+    return qw.dot(x).astype(x.dtype).reshape(out_shape)
+
+
+def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
+         ql: dict[str, QWeight] | None = None) -> tuple[Array, Array, Array]:
     """Queries [B, T, H, Dh] (RoPE'd and scaled), keys [B, T, K, Dh] (RoPE'd) and values."""
-    q = dot("btd,dhk->bthk", x, layer["q"])  # [B, T, H, Dh]
-    k = dot("btd,dnk->btnk", x, layer["k"])  # [B, T, K, Dh]
-    v = dot("btd,dnk->btnk", x, layer["v"])
+    ql = ql or {}
+    q = _mat("btd,dhk->bthk", x, layer, "q", ql)  # [B, T, H, Dh]
+    k = _mat("btd,dnk->btnk", x, layer, "k", ql)  # [B, T, K, Dh]
+    v = _mat("btd,dnk->btnk", x, layer, "v", ql)
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
@@ -152,20 +168,22 @@ def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: boo
     return q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype), k, v
 
 
-def _residual(cfg: GemmaConfig, layer: Params, x: Array, h: Array) -> Array:
+def _residual(cfg: GemmaConfig, layer: Params, x: Array, h: Array,
+              ql: dict[str, QWeight] | None = None) -> Array:
     """The rest of a decoder block after attention output h: (post-norm), residual, the MLP
     on the normalised sum, (post-norm), residual."""
     if cfg.post_norms:
         h = rms_norm(h, layer["post_attn_norm"], cfg.rms_eps)
     x = x + h
-    h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps))
+    h = _mlp(layer, rms_norm(x, layer["ffw_norm"], cfg.rms_eps), ql or {})
     if cfg.post_norms:
         h = rms_norm(h, layer["post_ffw_norm"], cfg.rms_eps)
     return x + h
 
 
 def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
-               cache: tuple[Array, Array, Array] | None, write_at: Array | None
+               cache: tuple[Array, Array, Array] | None, write_at: Array | None,
+               ql: dict[str, QWeight] | None = None
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """Self-attention of one layer.
 
@@ -174,12 +192,14 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
       positions: [B, T] (-1 = padding).
       cache: (k [B,S,K,Dh], v [B,K,Dh,S], slot positions [B,S] after resets) or None.
       write_at: [B, T] slot per token for this layer's cache (S = drop).
+      ql: this layer's quantized matrices (`DecodeWeights.layers[i]`), or None.
     Returns:
       ([B, T, D] output, (new k, new v) or None).
     """
     b, t, _ = x.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q, k, v = _qkv(cfg, layer, x, positions, local)
+    ql = ql or {}
+    q, k, v = _qkv(cfg, layer, x, positions, local, ql)
 
     v_t = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, Dh, T]: the V cache layout
     new_kv = None
@@ -216,17 +236,20 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     out = dot("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
     out = jnp.transpose(out, (0, 4, 1, 3, 2))  # [B, T, K, G, Dh]
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)
+    if "o" in ql:  # [H*Dh -> D]
+        return ql["o"].dot(out).astype(x.dtype), new_kv
     o = layer["o"].reshape(cfg.num_heads * cfg.head_dim, -1)  # one contracting axis: a plain GEMM
     return dot("btf,fd->btd", out, o), new_kv
 
 
-def _mlp(layer: Params, x: Array) -> Array:
-    gate = gelu_tanh(dot("btd,fd->btf", x, layer["gate"]))  # [B, T, F]
-    return dot("btf,df->btd", gate * dot("btd,fd->btf", x, layer["up"]), layer["down"])
+def _mlp(layer: Params, x: Array, ql: dict[str, QWeight]) -> Array:
+    gate = gelu_tanh(_mat("btd,fd->btf", x, layer, "gate", ql))  # [B, T, F]
+    return _mat("btf,df->btd", gate * _mat("btd,fd->btf", x, layer, "up", ql), layer, "down", ql)
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,
-            cfg: GemmaConfig, vocab_major: bool = False, head: tuple[Array, Array] | None = None
+            cfg: GemmaConfig, vocab_major: bool = False,
+            head: tuple[Array, Array] | DecodeWeights | None = None
             ) -> tuple[Array, KVState | None]:
     """Runs the decoder over a chunk of tokens.
 
@@ -238,10 +261,15 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
       state: caches from `init_state`, or None for a full causal forward without cache.
       cfg: static config.
       vocab_major: return decode logits as [V, B] (T must be 1; see `layers.unembed`).
-      head: `layers.split_head(params["embed"])` for vocab-major logits, or None.
+      head: `layers.split_head(params["embed"])` for vocab-major logits; or `DecodeWeights`,
+        whose quantized matrices a step of one token for up to QUANT_MAX_ROWS rows reads; or None.
     Returns:
       (logits [B, T, V] float32, updated state or None).
     """
+    quant = None
+    if isinstance(head, DecodeWeights):
+        b, t = tokens.shape
+        quant, head = (head if t == 1 and b <= QUANT_MAX_ROWS else None), None
     dtype = params["embed"].dtype
     x = params["embed"][tokens]  # [B, T, D]
     x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
@@ -261,14 +289,19 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             cache = (state.k[i], state.v[i], pos_l if local else pos_g)
             slots = slots_l if local else slots_g
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-        h, kv = _attention(cfg, layer, h, positions, local, cache, slots)
-        x = _residual(cfg, layer, x, h)
+        ql = quant.layers[i] if quant is not None else None
+        h, kv = _attention(cfg, layer, h, positions, local, cache, slots, ql)
+        x = _residual(cfg, layer, x, h, ql)
         if kv is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major, head)
+    if quant is not None and quant.embed is not None:
+        logits = quant.embed.dot(x[:, 0], vocab_major)  # [V, B] or [B, V]
+        logits = softcap(logits if vocab_major else logits[:, None], cfg.final_softcap)
+    else:
+        logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major, head)
     if state is None:
         return logits, None
     new_state = KVState(

@@ -5,8 +5,9 @@ one reader per kind (random preset, embedded GGUF, GGUF file, HF directory, Orba
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from model.checkpoints.source import Source, hf_config, prompt_format_of, read_config_json, resolve
 from model.config import PRESETS, GriffinConfig, ModelConfig
@@ -23,6 +24,9 @@ class Loaded:
     tokenizer: Tokenizer | None
     prompt_format: str  # "chat" | "completion"
     info: dict[str, Any]
+    # Reads the checkpoint's int8 block codes for the decode kernel (GGUF files; see
+    # checkpoints/gguf_codes.py), or None.
+    codes: Callable[[], dict[str, Any]] | None = None
 
 
 def load(source: str | Path | Source, dtype: Any, seed: int = 0) -> Loaded:
@@ -116,8 +120,11 @@ def _random(name: str, dtype: Any, seed: int) -> Loaded:
 def _gguf(path: Path, dtype: Any) -> Loaded:
     from model.checkpoints.gguf import load_gguf
 
+    from model.checkpoints.gguf_codes import read_codes
+
     cfg, params, tokenizer, info = load_gguf(path, dtype)
-    return Loaded(path.stem, cfg, params, tokenizer, info.get("prompt_format", "completion"), info)
+    return Loaded(path.stem, cfg, params, tokenizer, info.get("prompt_format", "completion"), info,
+                  functools.partial(read_codes, path))
 
 
 def _tokenizer_beside(directory: Path) -> Tokenizer | None:

@@ -237,8 +237,11 @@ class Engine:
 
     def __init__(self, family: Family, cfg: ModelConfig, params: Params,
                  buckets: Buckets = DEFAULT_BUCKETS, dtype: Any = None,
-                 mesh: jax.sharding.Mesh | None = None):
-        """`mesh` None: the mesh the params are placed on (a 1-device mesh counts as none)."""
+                 mesh: jax.sharding.Mesh | None = None,
+                 codes: Callable[[], dict[str, Any]] | None = None):
+        """`mesh` None: the mesh the params are placed on (a 1-device mesh counts as none).
+        `codes`: reads the checkpoint's quantized blocks for decode (`rows.decode_head`)."""
+        self.codes = codes
         mesh = sharding.mesh_of(params) if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self._param_sh = None
@@ -269,7 +272,7 @@ class Engine:
     @functools.cached_property
     def head(self) -> Any:
         """`decode_head(params)`, made at the first decode (a scoring-only engine never has it)."""
-        return decode_head(self.params, self.mesh)
+        return decode_head(self.params, self.mesh, codes=self.codes)
 
     def axes(self, length: int) -> Any:
         """Per state leaf of a cache of length L, its batch axis (see `batch_axes`)."""

@@ -3,6 +3,7 @@ resetting a set of rows (slots) in every leaf at once, for any family's state tr
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -107,16 +108,30 @@ def state_dtype(params: Any) -> Any:
     return jnp.float32
 
 
-def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None
-                ) -> tuple[Array, Array] | None:
-    """The tied head as bf16 halves for decode's vocab-major logits (`layers.split_head`), or
-    None: on one CPU device with native bf16 dot products (`bf16_dots`, default: this CPU's
-    `cpu.fast_bf16()`), for a float32 model whose head V x D >= 2^24 (the 270M's head is ~45%
-    of a decode step; small heads stay exact float32). Same bytes as the head it reads."""
+def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None,
+                codes: Callable[[], dict[str, Any]] | None = None) -> Any:
+    """What decode steps read besides `params` (the `head` argument of `family.forward`):
+
+    * `quant.DecodeWeights`, from `codes()` (a GGUF's int8 block codes, checkpoints/
+      gguf_codes.py), on one CPU device where the native kernel builds (model/kernels): the
+      matrices of a few-row step at 1.25-1.5 bytes per weight instead of 4, the same weights;
+      $GEMMA_BATCH_QUANT_DECODE=off turns it off;
+    * else the tied head as bf16 halves for vocab-major logits (`layers.split_head`), on one CPU
+      device with native bf16 dot products (`bf16_dots`, default: this CPU's
+      `cpu.fast_bf16()`), for a float32 model whose head V x D >= 2^24 (the 270M's head is ~45%
+      of a decode step; small heads stay exact float32). Same bytes as the head it reads;
+    * else None.
+    """
     embed = params["embed"]
+    one_cpu = mesh is None and jax.default_backend() == "cpu"
+    if (codes is not None and one_cpu and embed.dtype == jnp.float32
+            and os.environ.get("GEMMA_BATCH_QUANT_DECODE", "on").lower() not in ("off", "0")):
+        from model import kernels, quant
+
+        if kernels.available():
+            return quant.decode_weights(codes(), params)
     if bf16_dots is None:
         bf16_dots = fast_bf16()
-    if (not bf16_dots or mesh is not None or jax.default_backend() != "cpu"
-            or embed.dtype != jnp.float32 or embed.size < 1 << 24):
+    if not bf16_dots or not one_cpu or embed.dtype != jnp.float32 or embed.size < 1 << 24:
         return None
     return jax.jit(split_head)(embed)

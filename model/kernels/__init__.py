@@ -1,0 +1,104 @@
+"""Native CPU kernels, built on first use with the machine's C++ compiler and called from jitted
+programs through XLA's FFI.
+
+`qmatmul` multiplies float32 activations by block-quantized int8 weights (qmatmul.cc). The
+shared library is compiled once per source/jaxlib/flags into the gemma-batch cache
+(`kernels/`), atomically, so Ray workers on one machine share it. Where it cannot be used (not
+x86-64 with AVX2 and FMA, no compiler, a failed build) `available()` is False and `reason()` says
+why; callers then keep their float32 path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.cpu import cpu_flags
+from model.paths import atomic_write, cache_dir
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_TARGET = "gemma_batch_qmatmul"
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
+_reason = ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> Path:
+    """The compiled library (cached); raises RuntimeError with the reason it cannot be built."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the kernel is for x86-64, this machine is {platform.machine()}")
+    missing = {"avx2", "fma"} - cpu_flags()
+    if missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(sorted(missing))}")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(
+        _FLAGS + [jax.__version__, cxx]).encode()).hexdigest()[:16]
+    lib = cache_dir() / "kernels" / f"qmatmul-{key}.so"
+    if lib.exists():
+        return lib
+
+    def compile_to(tmp: Path) -> None:
+        r = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {_SOURCE.name}: {r.stderr.strip()[-400:]}")
+
+    atomic_write(lib, compile_to)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether `qmatmul` can run here (builds and registers the kernel on the first call)."""
+    global _reason
+    if jax.default_backend() != "cpu":
+        _reason = f"the default JAX backend is {jax.default_backend()}, the kernel is for CPUs"
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.GemmaBatchQMatmul),
+                                    platform="cpu")
+    except (RuntimeError, OSError, AttributeError) as e:
+        _reason = str(e)
+        log.warning("quantized decode kernel unavailable, decode keeps float32 weights: %s", e)
+        return False
+    return True
+
+
+def reason() -> str:
+    """Why `available()` is False ("" when it is True or was not asked yet)."""
+    return _reason
+
+
+def qmatmul(x: jax.Array, q: jax.Array, so: jax.Array, group: int,
+            vocab_major: bool = False) -> jax.Array:
+    """x float32 [M, K] . W^T with W[n, k] = so[n, k // group, 0] * q[n, k] + so[n, k // group, 1]
+    (q int8 [N, K], so float32 [N, K / group, 2]) -> float32 [M, N], or [N, M] with
+    `vocab_major`. Needs `available()`."""
+    m, n = x.shape[0], q.shape[0]
+    shape = (n, m) if vocab_major else (m, n)
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return call(x.astype(jnp.float32), q, so, group=np.int64(group),
+                transposed=np.int64(vocab_major))

@@ -1,0 +1,137 @@
+// y[M, N] = x[M, K] . W[N, K]^T for a block-quantized W, computed on the CPU with AVX2 + FMA.
+//
+// W is stored as int8 codes q[N, K] with a float32 (scale, offset) pair per group of G codes
+// along K: W[n, k] = scale * q[n, k] + offset (so[N, K / G, 2]). GGUF's Q8_0, Q5_0, Q4_K and
+// Q6_K blocks all map onto this exactly (model/quant.py), so every weight the kernel forms in a
+// register equals the float32 dequantized weight bit for bit; only the summation order differs
+// from a float32 GEMM. A decode step with a few rows is bound by the bytes of its weights: this
+// reads 1.25-1.5 bytes per weight instead of float32's 4.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows [n0, n1) of W against MB rows of x (x and y row strides K and N).
+// y is [M, N] (row stride N, column stride 1) or, transposed, [N, M] (strides 1 and M).
+template <int MB>
+void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
+          int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1) {
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    const int8_t* qr = q + n * K;
+    const float* sr = so + n * groups * 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 s = _mm256_set1_ps(sr[2 * g]);
+      const __m256 o = _mm256_set1_ps(sr[2 * g + 1]);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + k));
+        const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s, o);
+        for (int m = 0; m < MB; ++m)
+          acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w, acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * ys_m + n * ys_n] = hsum(acc[m]);
+  }
+}
+
+void RowsAny(int mb, const float* x, int64_t K, const int8_t* q, const float* so, int64_t G,
+             float* y, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1) {
+  switch (mb) {
+    case 1: return Rows<1>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 2: return Rows<2>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 3: return Rows<3>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 4: return Rows<4>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 5: return Rows<5>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 6: return Rows<6>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 7: return Rows<7>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    default: return Rows<8>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+  }
+}
+
+// Output rows [n0, n1) for all M rows of x, 8 rows of x at a time; n is tiled so a tile of W
+// stays in cache while each group of 8 rows of x reads it.
+void Range(const float* x, int64_t M, int64_t K, const int8_t* q, const float* so, int64_t G,
+           float* y, int64_t N, bool transposed, int64_t n0, int64_t n1) {
+  const int64_t ys_m = transposed ? 1 : N, ys_n = transposed ? M : 1;
+  const int64_t tile = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(K, 1));
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int mb = static_cast<int>(std::min<int64_t>(8, M - m0));
+      RowsAny(mb, x + m0 * K, K, q, so, G, y + m0 * ys_m, ys_m, ys_n, t0, t1);
+    }
+  }
+}
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                   ffi::Buffer<ffi::F32> so, ffi::ResultBuffer<ffi::F32> y, int64_t group,
+                   int64_t transposed) {
+  const auto xd = x.dimensions();
+  const auto qd = q.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1])
+    return ffi::Error::InvalidArgument("qmatmul: x [M, K] and q [N, K] expected");
+  const int64_t M = xd[0], K = xd[1], N = qd[0], G = group;
+  if (G <= 0 || G % 8 != 0 || K % G != 0 || so.element_count() != N * (K / G) * 2)
+    return ffi::Error::InvalidArgument("qmatmul: groups of a multiple of 8 dividing K expected");
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data();
+  const float* sp = so.typed_data();
+  float* yp = y->typed_data();
+  // Chunks of N are claimed from a shared counter by this thread and by helpers on XLA's
+  // intra-op pool. This thread waits only for chunks another thread has claimed (so is running):
+  // a helper still queued behind other work (XLA may run independent products at once on the
+  // same pool) is never waited for; it finds nothing left. Its state is shared, not on this stack.
+  struct Work {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t chunks = 0, per = 0;
+  };
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
+  auto work = std::make_shared<Work>();
+  work->chunks = std::min<int64_t>(4 * threads, std::max<int64_t>(1, N / 64));
+  work->per = ((N + work->chunks - 1) / work->chunks + 15) / 16 * 16;
+  const bool tr = transposed != 0;
+  auto run = [=] {
+    for (;;) {
+      const int64_t c = work->next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= work->chunks) return;
+      const int64_t n0 = std::min(N, c * work->per), n1 = std::min(N, (c + 1) * work->per);
+      Range(xp, M, K, qp, sp, G, yp, N, tr, n0, n1);
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([run] { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaBatchQMatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("transposed"));

@@ -1,0 +1,103 @@
+"""Block-quantized weights for decode: a GGUF's own int8 codes, read by `kernels.qmatmul`.
+
+A decode step with a few rows is bound by the bytes of its weights. GGUF's Q8_0, Q5_0, Q4_K and
+Q6_K blocks are all `scale * q + offset` over groups of 32 (16 for Q6_K) with small integer
+codes q, so each tensor is kept as int8 codes [N, K] plus float32 (scale, offset) per group:
+1.25-1.5 bytes per weight instead of float32's 4. Every weight equals the float32 weight the
+model was loaded with, bit for bit (`codes_match` checks it per tensor at load; a tensor that
+does not match keeps its float32 path), so decode differs from the float32 program only in the
+order of summation. Prefill (many rows per product) keeps the float32 weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.checkpoints.gguf_codes import Codes
+
+log = logging.getLogger(__name__)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QWeight:
+    """W [N, K] = so[:, k // group, 0] * q + so[:, k // group, 1]; `group` is static."""
+
+    q: jax.Array  # int8 [N, K]
+    so: jax.Array  # float32 [N, K / group, 2]
+    group: int = dataclasses.field(metadata=dict(static=True))
+
+    def dot(self, x: jax.Array, vocab_major: bool = False) -> jax.Array:
+        """x [..., K] -> [..., N] float32, or [N, M] with `vocab_major` (x [M, K])."""
+        from model.kernels import qmatmul
+
+        if vocab_major:
+            return qmatmul(x, self.q, self.so, self.group, vocab_major=True)
+        lead = x.shape[:-1]
+        y = qmatmul(x.reshape(-1, x.shape[-1]), self.q, self.so, self.group)
+        return y.reshape(lead + (self.q.shape[0],))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """Quantized matrices a decode step reads instead of the float32 ones: `embed` (the tied
+    head, or None) and per layer {name: QWeight} for q, k, v, o, gate, up, down (absent: the
+    float32 weight)."""
+
+    embed: QWeight | None
+    layers: tuple[dict[str, QWeight], ...]
+
+
+def gguf_order(name: str, w: np.ndarray) -> np.ndarray:
+    """Our parameter `name` ("embed", "q", "o", "down", ...) in GGUF's [out, in] order: q/k/v
+    [D, H, Dh] -> [H*Dh, D], o [H, Dh, D] -> [D, H*Dh]; embed and the MLP's are stored so."""
+    if name in ("q", "k", "v"):
+        return w.reshape(w.shape[0], -1).T
+    if name == "o":
+        return w.reshape(-1, w.shape[-1]).T
+    return w
+
+
+@functools.partial(jax.jit, static_argnames="leaf")
+def _same(q: jax.Array, so: jax.Array, w: jax.Array, leaf: str) -> jax.Array:
+    """Whether codes q [N, K] with so [N, K / G, 2] give our weight `leaf` w exactly."""
+    n, k = q.shape
+    g = k // so.shape[1]
+    deq = so[..., :1] * q.reshape(n, k // g, g).astype(jnp.float32) + so[..., 1:]
+    return jnp.array_equal(deq.reshape(n, k), gguf_order(leaf, w))
+
+
+def decode_weights(codes: dict[str, Codes], params: Any) -> DecodeWeights:
+    """DecodeWeights (device arrays) of the codes that give `params`' float32 weights exactly;
+    a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path."""
+    layers: list[dict[str, QWeight]] = [{} for _ in params["layers"]]
+    embed, dropped = None, []
+    for name, (q, so, group) in codes.items():
+        leaf = name.split(".")[-1]
+        w = params[name] if name == "embed" else params["layers"][int(name.split(".")[1])][leaf]
+        q, so = jnp.asarray(q), jnp.asarray(so)
+        if (w.dtype != jnp.float32 or gguf_order(leaf, w).shape != q.shape
+                or not bool(_same(q, so, w, leaf))):
+            dropped.append(name)
+            continue
+        w = QWeight(q, so, group)
+        if name == "embed":
+            embed = w
+        else:
+            layers[int(name.split(".")[1])][leaf] = w
+    if dropped:
+        log.warning("%d of %d quantized tensors do not give the loaded weights exactly (first: "
+                    "%s); they keep float32 in decode", len(dropped), len(codes), dropped[0])
+    return DecodeWeights(embed, tuple(layers))
+
+
+def nbytes(dw: Any) -> int:
+    """Bytes of a DecodeWeights' arrays."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(dw))

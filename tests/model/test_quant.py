@@ -1,0 +1,148 @@
+"""Decode on a GGUF's own block codes (model/checkpoints/gguf_codes.py, model/quant.py) through
+the native kernel (model/kernels): the codes give the float32 weights bit for bit, the kernel's
+products equal float64 ones to float32 rounding, and the 270M's decode steps give the logits and
+greedy tokens of the float32 program."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import kernels, load_model, quant
+from model import transformer as tr
+from model.checkpoints.dequant import dequantize
+from model.checkpoints.gguf_codes import codes_match, gguf_codes, read_codes
+from model.checkpoints.gguf_format import open_gguf
+from model.cpu import cpu_flags
+from model.embedded import embedded_gguf_path
+from model.engine.rows import decode_head
+
+CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_flags()
+             and any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+
+
+def test_kernel_is_built_where_the_cpu_and_a_compiler_allow_it():
+    assert kernels.available() == CAN_BUILD, kernels.reason()
+    if not CAN_BUILD:
+        assert kernels.reason()  # says why
+
+
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2+FMA and a compiler")
+
+
+def test_codes_give_every_quantized_tensor_of_the_embedded_gguf_exactly():
+    g = open_gguf(embedded_gguf_path())
+    types: dict[str, int] = {}
+    for t in g.tensors:
+        codes = gguf_codes(g, t)
+        if codes is None:
+            assert t.qtype.name in ("F32", "F16", "BF16"), t.qtype.name  # nothing left out
+            continue
+        q, so, group = codes
+        assert q.dtype == np.int8 and so.shape == (t.shape[0], t.shape[1] // group, 2)
+        assert codes_match(codes, dequantize(g, t)), t.name
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    assert set(types) == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}, types
+    # A changed weight is noticed.
+    t = next(t for t in g.tensors if t.qtype.name == "Q4_K")
+    w = dequantize(g, t)
+    w[3, 5] = np.nextafter(w[3, 5], np.float32(np.inf))
+    assert not codes_match(gguf_codes(g, t), w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("group", [16, 32])
+def test_qmatmul_matches_float64(m, group):
+    rng = np.random.default_rng(m * group)
+    n, k = 1000, 640
+    q = rng.integers(-32, 32, (n, k), dtype=np.int8)
+    so = np.stack([rng.uniform(1e-3, 2e-2, (n, k // group)),
+                   rng.uniform(-0.1, 0.1, (n, k // group))], -1).astype(np.float32)
+    w = (so[..., :1] * q.reshape(n, k // group, group) + so[..., 1:]).reshape(n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T  # [M, N]
+    f = jax.jit(kernels.qmatmul, static_argnames=("group", "vocab_major"))
+    got = np.asarray(f(jnp.asarray(x), jnp.asarray(q), jnp.asarray(so), group=group))
+    got_t = np.asarray(f(jnp.asarray(x), jnp.asarray(q), jnp.asarray(so), group=group,
+                         vocab_major=True))
+    scale = np.abs(exact).max()
+    assert np.abs(got - exact).max() <= 2e-6 * scale
+    np.testing.assert_array_equal(got_t, got.T)
+
+
+@needs_kernel
+def test_independent_products_in_one_program_do_not_wait_on_each_other():
+    # XLA may run independent custom calls at once on its intra-op pool (q, k and v of a layer):
+    # each call's helpers must not be waited for while they are queued behind the others.
+    rng = np.random.default_rng(0)
+    ws = [quant.QWeight(jnp.asarray(rng.integers(-8, 8, (4096, 256), dtype=np.int8)),
+                        jnp.asarray(np.ones((4096, 8, 2), np.float32)), 32) for _ in range(6)]
+    x = jnp.asarray(rng.standard_normal((8, 256)).astype(np.float32))
+
+    @jax.jit
+    def many(x, ws):
+        return sum(w.dot(x * (i + 1)) for i, w in enumerate(ws))
+
+    want = sum((np.asarray(x) * (i + 1)) @ (np.asarray(w.q, np.float32) + 1).T
+               for i, w in enumerate(ws))
+    for _ in range(20):
+        np.testing.assert_allclose(np.asarray(many(x, ws)), want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    m = load_model("gemma3-270m", dtype="float32")
+    return m, read_codes(embedded_gguf_path())
+
+
+@needs_kernel
+def test_engine_decodes_a_gguf_on_its_codes_unless_turned_off(embedded, monkeypatch):
+    m, codes = embedded
+    dw = m.engine.head
+    assert isinstance(dw, quant.DecodeWeights) and dw.embed is not None
+    assert sum(len(layer) for layer in dw.layers) == 7 * m.config.num_layers  # every matrix
+    assert quant.nbytes(dw) < 0.4 * sum(x.nbytes for x in jax.tree_util.tree_leaves(m.params))
+    monkeypatch.setenv("GEMMA_BATCH_QUANT_DECODE", "off")
+    assert not isinstance(decode_head(m.params, None, codes=lambda: codes), quant.DecodeWeights)
+    # Parameters the codes do not give (bfloat16, or changed) keep their float32 path.
+    monkeypatch.delenv("GEMMA_BATCH_QUANT_DECODE")
+    p = dict(m.params, layers=list(m.params["layers"]))
+    p["layers"][2] = dict(p["layers"][2], up=p["layers"][2]["up"] * 1.5)
+    dw2 = quant.decode_weights(codes, p)
+    assert "up" not in dw2.layers[2] and "down" in dw2.layers[2] and "up" in dw2.layers[3]
+
+
+@needs_kernel
+def test_270m_decode_steps_on_codes_match_the_float32_program(embedded):
+    m, _ = embedded
+    cfg, params, dw = m.config, m.params, m.engine.head
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time there",
+               "Water boils at a temperature of"]
+    ids = [m.tokenizer.encode(p, add_bos=True) for p in prompts]
+    t = max(map(len, ids))
+    tokens = np.zeros((len(ids), t), np.int32)
+    positions = np.full((len(ids), t), -1, np.int32)
+    for i, s in enumerate(ids):  # left-aligned rows, padding after
+        tokens[i, :len(s)], positions[i, :len(s)] = s, np.arange(len(s))
+    state = tr.init_state(cfg, len(ids), 64, jnp.float32)
+    _, state = jax.jit(tr.forward, static_argnames="cfg")(params, tokens, positions, state, cfg)
+    step = jax.jit(tr.forward, static_argnames=("cfg", "vocab_major"))
+    nxt = jnp.asarray([s[-1] for s in ids], jnp.int32)[:, None]
+    pos = jnp.asarray([len(s) - 1 for s in ids], jnp.int32)[:, None]
+    # Re-feed each prompt's last token (same position: the cache slot is rewritten), then decode.
+    s32 = sq = state
+    worst = 0.0
+    for _ in range(8):
+        l32, s32 = step(params, nxt, pos, s32, cfg, True, None)  # [V, B]
+        lq, sq = step(params, nxt, pos, sq, cfg, True, dw)
+        l32, lq = np.asarray(l32), np.asarray(lq)
+        worst = max(worst, float(np.abs(lq - l32).max() / np.abs(l32).max()))
+        np.testing.assert_array_equal(lq.argmax(0), l32.argmax(0))
+        nxt, pos = jnp.asarray(l32.argmax(0), jnp.int32)[:, None], pos + 1
+    assert worst < 1e-5, worst
