@@ -4,8 +4,8 @@
 // along K: W[n, k] = scale * q[n, k] + offset (so[N, K / G, 2]). GGUF's Q8_0, Q5_0, Q4_K and
 // Q6_K blocks all map onto this exactly (model/checkpoints/gguf_codes.py), so every weight the
 // kernel forms in a register equals the float32 dequantized weight bit for bit; only the
-// summation order differs from a float32 GEMM. A decode step with a few rows is bound by the bytes of its weights: this
-// reads 1.25-1.5 bytes per weight instead of float32's 4.
+// summation order differs from a float32 GEMM. A decode step with a few rows is bound by the
+// bytes of its weights: this reads 1.25-1.5 bytes per weight instead of float32's 4.
 #include <immintrin.h>
 
 #include <algorithm>
