@@ -4,7 +4,7 @@ A decode step with a few rows is bound by the bytes of its weights. GGUF's Q8_0,
 Q6_K blocks are all `scale * q + offset` over groups of 32 (16 for Q6_K) with small integer
 codes q, so each tensor is kept as int8 codes [N, K] plus float32 (scale, offset) per group:
 1.25-1.5 bytes per weight instead of float32's 4. Every weight equals the float32 weight the
-model was loaded with, bit for bit (`codes_match` checks it per tensor at load; a tensor that
+model was loaded with, bit for bit (`codes_exact` checks it per tensor at load; a tensor that
 does not match keeps its float32 path), so decode differs from the float32 program only in the
 order of summation. Prefill (many rows per product) keeps the float32 weights.
 """
@@ -65,13 +65,18 @@ def gguf_order(name: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-@functools.partial(jax.jit, static_argnames="leaf")
-def _same(q: jax.Array, so: jax.Array, w: jax.Array, leaf: str) -> jax.Array:
-    """Whether codes q [N, K] with so [N, K / G, 2] give our weight `leaf` w exactly."""
+def codes_exact(q: jax.Array, so: jax.Array, w: jax.Array) -> jax.Array:
+    """Whether codes q [N, K] with so [N, K / G, 2] give w [N, K] (GGUF order) exactly."""
     n, k = q.shape
     g = k // so.shape[1]
     deq = so[..., :1] * q.reshape(n, k // g, g).astype(jnp.float32) + so[..., 1:]
-    return jnp.array_equal(deq.reshape(n, k), gguf_order(leaf, w))
+    return jnp.array_equal(deq.reshape(n, k), w)
+
+
+@functools.partial(jax.jit, static_argnames="leaf")
+def _same(q: jax.Array, so: jax.Array, w: jax.Array, leaf: str) -> jax.Array:
+    """`codes_exact` against our parameter `leaf` w, in our layout."""
+    return codes_exact(q, so, gguf_order(leaf, w))
 
 
 def decode_weights(codes: dict[str, Codes], params: Any) -> DecodeWeights:

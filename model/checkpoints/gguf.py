@@ -37,7 +37,7 @@ from model.errors import CheckpointError
 __all__ = ["load_gguf", "read_gguf_numpy", "open_gguf", "checkpoint_info", "unflatten"]
 
 # llama.cpp per-layer tensor name -> (our name, is an RMSNorm weight stored as 1 + w).
-_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
+LAYER_TENSORS: dict[str, tuple[str, bool]] = {
     "attn_norm": ("attn_norm", True),
     "attn_q": ("q", False),
     "attn_k": ("k", False),
@@ -96,10 +96,10 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
         if t.name == "output.weight":
             continue  # Gemma ties the output projection to the embedding
         m = layer_re.fullmatch(t.name)
-        if not m or m.group(2) not in _LAYER_TENSORS:
+        if not m or m.group(2) not in LAYER_TENSORS:
             continue  # e.g. rope_freqs: nothing our model needs
         i = int(m.group(1))
-        name, is_norm = _LAYER_TENSORS[m.group(2)]
+        name, is_norm = LAYER_TENSORS[m.group(2)]
         if name == "q":  # [H*Dh, D] -> [D, H, Dh]
             w = w.T.reshape(d, h, dh)
         elif name in ("k", "v"):  # [K*Dh, D] -> [D, K, Dh]
@@ -120,7 +120,7 @@ def _map_tensors(g: GGUFFile, cfg: GemmaConfig, where: str) -> dict[str, np.ndar
     needed = ["embed", "final_norm"] + [
         f"layers.{i}.{n}"
         for i in range(cfg.num_layers)
-        for n, _ in _LAYER_TENSORS.values()
+        for n, _ in LAYER_TENSORS.values()
         if n not in _OPTIONAL
         or (n in ("q_norm", "k_norm") and cfg.qk_norm)
         or (n.startswith("post_") and cfg.post_norms)

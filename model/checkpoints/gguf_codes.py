@@ -2,7 +2,7 @@
 decode kernel (model/quant.py, model/kernels). GGUF's Q8_0, Q5_0, Q4_K and Q6_K blocks are all
 `scale * q + offset` over groups of 32 (16 for Q6_K) with small integer codes q; products
 scale * q are exact in float32, so the codes give the dequantized float32 weights bit for bit
-(`codes_match`). Other types have no decoder here (their tensors keep float32)."""
+(`quant.codes_exact`). Other types have no decoder here (their tensors keep float32)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Callable
 
 import numpy as np
 
+from model.checkpoints.gguf import LAYER_TENSORS
 from model.checkpoints.gguf_format import GGUFFile, TensorInfo, open_gguf
 
 Codes = tuple[np.ndarray, np.ndarray, int]  # q int8 [N, K], so float32 [N, K / G, 2], G
 
 # GGUF matrix names -> our flat names (GGUF order [out, in]: see quant.gguf_order).
-_MATRICES = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
-             "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
+_MATRICES = {g: ours for g, (ours, is_norm) in LAYER_TENSORS.items() if not is_norm}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -90,14 +90,6 @@ def gguf_codes(g: GGUFFile, t: TensorInfo) -> Codes | None:
     q = codes.astype(np.int8).reshape(rows, k)
     so = np.stack([scale, offset], axis=-1).astype(np.float32).reshape(rows, k // group, 2)
     return q, so, group
-
-
-def codes_match(codes: Codes, w: np.ndarray) -> bool:
-    """Whether the codes give exactly the float32 weights w [N, K]."""
-    q, so, group = codes
-    n, k = q.shape
-    qg = q.reshape(n, k // group, group).astype(np.float32)
-    return bool(np.array_equal((so[..., :1] * qg + so[..., 1:]).reshape(n, k), w))
 
 
 def read_codes(path: str | Path) -> dict[str, Codes]:
