@@ -49,10 +49,12 @@ class QWeight:
 class DecodeWeights:
     """Quantized matrices a decode step reads instead of the float32 ones: `embed` (the tied
     head, or None) and per layer {name: QWeight} for q, k, v, o, gate, up, down (absent: the
-    float32 weight)."""
+    float32 weight). `attention` (static): the step's attention core runs in the native kernel
+    too (`kernels.decode_attention`)."""
 
     embed: QWeight | None
     layers: tuple[dict[str, QWeight], ...]
+    attention: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
 
 def gguf_order(name: str, w: np.ndarray) -> np.ndarray:
@@ -79,7 +81,7 @@ def _same(q: jax.Array, so: jax.Array, w: jax.Array, leaf: str) -> jax.Array:
     return codes_exact(q, so, gguf_order(leaf, w))
 
 
-def decode_weights(codes: dict[str, Codes], params: Any) -> DecodeWeights:
+def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True) -> DecodeWeights:
     """DecodeWeights (device arrays) of the codes that give `params`' float32 weights exactly;
     a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path."""
     layers: list[dict[str, QWeight]] = [{} for _ in params["layers"]]
@@ -100,7 +102,7 @@ def decode_weights(codes: dict[str, Codes], params: Any) -> DecodeWeights:
     if dropped:
         log.warning("%d of %d quantized tensors do not give the loaded weights exactly (first: "
                     "%s); they keep float32 in decode", len(dropped), len(codes), dropped[0])
-    return DecodeWeights(embed, tuple(layers))
+    return DecodeWeights(embed, tuple(layers), attention)
 
 
 def nbytes(dw: Any) -> int:

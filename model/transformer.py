@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from model import packed
 from model.config import GemmaConfig
+from model.kernels import decode_attention
 from model.layers import (dot, gelu_tanh, rms_norm, rope, scatter_slots, softcap, unembed,
                           write_slots)
 from model.quant import DecodeWeights, QWeight
@@ -183,7 +184,7 @@ def _residual(cfg: GemmaConfig, layer: Params, x: Array, h: Array,
 
 def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: bool,
                cache: tuple[Array, Array, Array] | None, write_at: Array | None,
-               ql: dict[str, QWeight] | None = None
+               ql: dict[str, QWeight] | None = None, native: bool = False
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """Self-attention of one layer.
 
@@ -193,11 +194,12 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
       cache: (k [B,S,K,Dh], v [B,K,Dh,S], slot positions [B,S] after resets) or None.
       write_at: [B, T] slot per token for this layer's cache (S = drop).
       ql: this layer's quantized matrices (`DecodeWeights.layers[i]`), or None.
+      native: a one-token step over float32 caches runs its attention core in the native
+        kernel (`kernels.decode_attention`).
     Returns:
       ([B, T, D] output, (new k, new v) or None).
     """
     b, t, _ = x.shape
-    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     ql = ql or {}
     q, k, v = _qkv(cfg, layer, x, positions, local, ql)
 
@@ -219,6 +221,26 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
             values = jnp.concatenate([cache[1], v_t.astype(cache[1].dtype)], axis=3)
             key_pos = jnp.concatenate([cpos, positions], axis=1)
 
+    if native and t == 1 and cache is not None and keys.dtype == jnp.float32:
+        out = decode_attention(q[:, 0].astype(jnp.float32), keys, values, key_pos,
+                               positions[:, 0], cfg.sliding_window if local else None,
+                               cfg.attn_softcap)  # [B, H, Dh]
+        out = out.reshape(b, 1, cfg.num_heads * cfg.head_dim).astype(x.dtype)
+    else:
+        out = _attention_core(cfg, q, keys, values, positions, key_pos, local)
+        out = out.astype(x.dtype)
+    if "o" in ql:  # [H*Dh -> D]
+        return ql["o"].dot(out).astype(x.dtype), new_kv
+    o = layer["o"].reshape(cfg.num_heads * cfg.head_dim, -1)  # one contracting axis: a plain GEMM
+    return dot("btf,fd->btd", out, o), new_kv
+
+
+def _attention_core(cfg: GemmaConfig, q: Array, keys: Array, values: Array, positions: Array,
+                    key_pos: Array, local: bool) -> Array:
+    """Queries q [B, T, H, Dh] against keys [B, S, K, Dh] and values [B, K, Dh, S] held at
+    key_pos [B, S] -> [B, T, H*Dh]."""
+    b, t = positions.shape
+    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     # Keys-major layouts: scores [B, K, S, G, T] and output [B, K, Dh, G, T] let XLA's CPU dots
     # read K [B, S, K, Dh] and V [B, K, Dh, S] as stored (no per-step copy of the caches).
     qg = q.reshape(b, t, kh, g, cfg.head_dim)  # [B, T, K, G, Dh]
@@ -235,11 +257,7 @@ def _attention(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, loca
     probs = jax.nn.softmax(scores, axis=2).astype(values.dtype)
     out = dot("bksgt,bkds->bkdgt", probs, values)  # [B, K, Dh, G, T]
     out = jnp.transpose(out, (0, 4, 1, 3, 2))  # [B, T, K, G, Dh]
-    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)
-    if "o" in ql:  # [H*Dh -> D]
-        return ql["o"].dot(out).astype(x.dtype), new_kv
-    o = layer["o"].reshape(cfg.num_heads * cfg.head_dim, -1)  # one contracting axis: a plain GEMM
-    return dot("btf,fd->btd", out, o), new_kv
+    return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
 
 
 def _mlp(layer: Params, x: Array, ql: dict[str, QWeight]) -> Array:
@@ -290,7 +308,8 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             slots = slots_l if local else slots_g
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
         ql = quant.layers[i] if quant is not None else None
-        h, kv = _attention(cfg, layer, h, positions, local, cache, slots, ql)
+        h, kv = _attention(cfg, layer, h, positions, local, cache, slots, ql,
+                           quant is not None and quant.attention and cfg.head_dim % 8 == 0)
         x = _residual(cfg, layer, x, h, ql)
         if kv is not None:
             new_k.append(kv[0])

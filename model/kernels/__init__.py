@@ -1,8 +1,9 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler and called from jitted
 programs through XLA's FFI.
 
-`qmatmul` multiplies float32 activations by block-quantized int8 weights (qmatmul.cc). The
-shared library is compiled once per source/jaxlib/flags into the gemma-batch cache
+`qmatmul` multiplies float32 activations by block-quantized int8 weights (qmatmul.cc);
+`decode_attention` is one decode step's attention core (attention.cc). The shared library of both
+is compiled once per source/jaxlib/flags into the gemma-batch cache
 (`kernels/`), atomically, so Ray workers on one machine share it. Where it cannot be used (not
 x86-64 with AVX2 and FMA, no compiler, a failed build) `available()` is False and `reason()` says
 why; callers then keep their float32 path.
@@ -29,8 +30,12 @@ from model.paths import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("qmatmul.cc")
-_TARGET = "gemma_batch_qmatmul"
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "qmatmul.cc", _HERE / "attention.cc"]
+_HEADERS = [_HERE / "parallel.h"]
+# FFI target -> the handler symbol the library exports.
+_TARGETS = {"gemma_batch_qmatmul": "GemmaBatchQMatmul",
+            "gemma_batch_decode_attention": "GemmaBatchDecodeAttention"}
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
 _reason = ""
 
@@ -53,17 +58,18 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(
+    text = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+    key = hashlib.sha256(text + " ".join(
         _FLAGS + [jax.__version__, cxx]).encode()).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"qmatmul-{key}.so"
+    lib = cache_dir() / "kernels" / f"kernels-{key}.so"
     if lib.exists():
         return lib
 
     def compile_to(tmp: Path) -> None:
-        r = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(tmp)],
+        r = subprocess.run([cxx, *_FLAGS, f"-I{include}", *map(str, _SOURCES), "-o", str(tmp)],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {_SOURCE.name}: {r.stderr.strip()[-400:]}")
+            raise RuntimeError(f"{cxx} failed to build the kernels: {r.stderr.strip()[-400:]}")
 
     atomic_write(lib, compile_to)
     return lib
@@ -71,15 +77,16 @@ def _build() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Whether `qmatmul` can run here (builds and registers the kernel on the first call)."""
+    """Whether the kernels can run here (builds and registers them on the first call)."""
     global _reason
     if jax.default_backend() != "cpu":
         _reason = f"the default JAX backend is {jax.default_backend()}, the kernel is for CPUs"
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.GemmaBatchQMatmul),
-                                    platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
     except (RuntimeError, OSError, AttributeError) as e:
         _reason = str(e)
         log.warning("quantized decode kernel unavailable, decode keeps float32 weights: %s", e)
@@ -99,6 +106,19 @@ def qmatmul(x: jax.Array, q: jax.Array, so: jax.Array, group: int,
     `vocab_major`. Needs `available()`."""
     m, n = x.shape[0], q.shape[0]
     shape = (n, m) if vocab_major else (m, n)
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
+    call = jax.ffi.ffi_call("gemma_batch_qmatmul", jax.ShapeDtypeStruct(shape, jnp.float32))
     return call(x.astype(jnp.float32), q, so, group=np.int64(group),
                 transposed=np.int64(vocab_major))
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, key_pos: jax.Array,
+                     query_pos: jax.Array, window: int | None = None,
+                     cap: float | None = None) -> jax.Array:
+    """One decode step's attention for float32 caches: q [B, K*G, Dh] (scaled, RoPE'd), keys
+    [B, S, K, Dh], values [B, K, Dh, S], key_pos [B, S] (-1: empty), query_pos [B] ->
+    [B, K*G, Dh]. A query at p sees a key at q iff 0 <= q <= p (and p - q < window); scores are
+    soft-capped by `cap`; a row that sees nothing gets zeros. Needs `available()`, Dh % 8 == 0."""
+    call = jax.ffi.ffi_call("gemma_batch_decode_attention",
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, keys, values, key_pos.astype(jnp.int32), query_pos.astype(jnp.int32),
+                window=np.int64(window or 0), cap=np.float32(cap or 0.0))

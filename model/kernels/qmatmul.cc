@@ -9,11 +9,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -95,32 +93,14 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int8_t* qp = q.typed_data();
   const float* sp = so.typed_data();
   float* yp = y->typed_data();
-  // Chunks of N are claimed from a shared counter by this thread and by helpers on XLA's
-  // intra-op pool. This thread waits only for chunks another thread has claimed (so is running):
-  // a helper still queued behind other work (XLA may run independent products at once on the
-  // same pool) is never waited for; it finds nothing left. Its state is shared, not on this stack.
-  struct Work {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks = 0, per = 0;
-  };
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
-  auto work = std::make_shared<Work>();
-  work->chunks = std::min<int64_t>(4 * threads, std::max<int64_t>(1, N / 64));
-  work->per = ((N + work->chunks - 1) / work->chunks + 15) / 16 * 16;
+  const int64_t chunks = std::min<int64_t>(4 * gemma_batch::Threads(pool),
+                                           std::max<int64_t>(1, N / 64));
+  const int64_t per = ((N + chunks - 1) / chunks + 15) / 16 * 16;
   const bool tr = transposed != 0;
-  auto run = [=] {
-    for (;;) {
-      const int64_t c = work->next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= work->chunks) return;
-      const int64_t n0 = std::min(N, c * work->per), n1 = std::min(N, (c + 1) * work->per);
-      Range(xp, M, K, qp, sp, G, yp, N, tr, n0, n1);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([run] { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  gemma_batch::ParallelFor(pool, chunks, [=](int64_t c) {
+    const int64_t n0 = std::min(N, c * per), n1 = std::min(N, (c + 1) * per);
+    Range(xp, M, K, qp, sp, G, yp, N, tr, n0, n1);
+  });
   return ffi::Error::Success();
 }
 

@@ -95,6 +95,46 @@ def test_independent_products_in_one_program_do_not_wait_on_each_other():
         np.testing.assert_allclose(np.asarray(many(x, ws)), want, rtol=1e-4, atol=1e-2)
 
 
+def _attention_reference(q, keys, values, key_pos, query_pos, window, cap):
+    """float64 attention of one decode step (kernels.decode_attention's contract)."""
+    b, h, dh = q.shape
+    kh = keys.shape[2]
+    scores = np.einsum("bkgd,bskd->bkgs", q.reshape(b, kh, h // kh, dh), keys)
+    if cap:
+        scores = np.tanh(scores / cap) * cap
+    seen = (key_pos >= 0) & (key_pos <= query_pos[:, None])
+    if window:
+        seen &= query_pos[:, None] - key_pos < window
+    scores = np.where(seen[:, None, None], scores, -np.inf)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))  # rows that see nothing: zeros
+    return np.einsum("bkgs,bkds->bkgd", p, values).reshape(b, h, dh)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, kh, g, dh, s, window, cap", [
+    (3, 2, 2, 16, 40, None, None),  # grouped heads, a length not a multiple of 8
+    (8, 1, 4, 256, 256, None, None),  # Gemma 3 270M's shapes
+    (2, 1, 5, 8, 13, 6, 50.0),  # more than 4 query heads per KV head, a window, soft-cap
+    (4, 2, 1, 32, 64, 16, None),  # ring-like: positions anywhere in the slots
+])
+def test_decode_attention_matches_float64(b, kh, g, dh, s, window, cap):
+    rng = np.random.default_rng(s)
+    q = rng.standard_normal((b, kh * g, dh)).astype(np.float32)
+    keys = rng.standard_normal((b, s, kh, dh)).astype(np.float32)
+    values = rng.standard_normal((b, kh, dh, s)).astype(np.float32)
+    key_pos = rng.integers(-1, s, (b, s)).astype(np.int32)  # -1: empty slots
+    query_pos = rng.integers(0, s, (b,)).astype(np.int32)
+    query_pos[0] = -1  # a free slot's row: sees nothing
+    f = jax.jit(kernels.decode_attention, static_argnames=("window", "cap"))
+    got = np.asarray(f(q, keys, values, key_pos, query_pos, window=window, cap=cap))
+    want = _attention_reference(*(a.astype(np.float64) for a in (q, keys, values)), key_pos,
+                                query_pos, window, cap)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert not got[0].any()
+
+
 @pytest.fixture(scope="module")
 def embedded():
     m = load_model("gemma3-270m", dtype="float32")
