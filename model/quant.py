@@ -49,7 +49,8 @@ class QWeight:
 class DecodeWeights:
     """Quantized matrices a decode step reads instead of the float32 ones: `embed` (the tied
     head, or None) and per layer {name: QWeight} for q, k, v, o, gate, up, down (absent: the
-    float32 weight). `attention` (static): the step's attention core runs in the native kernel
+    float32 weight); q, k and v with one group size are one matrix "qkv" (their rows stacked),
+    and gate and up "gate_up", so each is one kernel call. `attention` (static): the step's attention core runs in the native kernel
     too (`kernels.decode_attention`)."""
 
     embed: QWeight | None
@@ -99,10 +100,28 @@ def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True)
             embed = w
         else:
             layers[int(name.split(".")[1])][leaf] = w
+    for layer in layers:
+        _fuse(layer)
     if dropped:
         log.warning("%d of %d quantized tensors do not give the loaded weights exactly (first: "
                     "%s); they keep float32 in decode", len(dropped), len(codes), dropped[0])
     return DecodeWeights(embed, tuple(layers), attention)
+
+
+# Matrices that multiply the same input, stacked along their output rows into one.
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def _fuse(layer: dict[str, QWeight]) -> None:
+    """Replaces each FUSED group whose parts are all quantized with one group size by its
+    stacked matrix (in place)."""
+    for name, parts in FUSED.items():
+        ws = [layer.get(p) for p in parts]
+        if all(w is not None for w in ws) and len({w.group for w in ws}) == 1:
+            layer[name] = QWeight(jnp.concatenate([w.q for w in ws]),
+                                  jnp.concatenate([w.so for w in ws]), ws[0].group)
+            for p in parts:
+                del layer[p]
 
 
 def nbytes(dw: Any) -> int:

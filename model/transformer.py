@@ -156,9 +156,15 @@ def _qkv(cfg: GemmaConfig, layer: Params, x: Array, positions: Array, local: boo
          ql: dict[str, QWeight] | None = None) -> tuple[Array, Array, Array]:
     """Queries [B, T, H, Dh] (RoPE'd and scaled), keys [B, T, K, Dh] (RoPE'd) and values."""
     ql = ql or {}
-    q = _mat("btd,dhk->bthk", x, layer, "q", ql)  # [B, T, H, Dh]
-    k = _mat("btd,dnk->btnk", x, layer, "k", ql)  # [B, T, K, Dh]
-    v = _mat("btd,dnk->btnk", x, layer, "v", ql)
+    if "qkv" in ql:  # q, k and v stacked: one product
+        b, t, _ = x.shape
+        h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = jnp.split(ql["qkv"].dot(x).astype(x.dtype), [h * dh, (h + kh) * dh], axis=-1)
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kh, dh), v.reshape(b, t, kh, dh)
+    else:
+        q = _mat("btd,dhk->bthk", x, layer, "q", ql)  # [B, T, H, Dh]
+        k = _mat("btd,dnk->btnk", x, layer, "k", ql)  # [B, T, K, Dh]
+        v = _mat("btd,dnk->btnk", x, layer, "v", ql)
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_eps)
@@ -261,8 +267,11 @@ def _attention_core(cfg: GemmaConfig, q: Array, keys: Array, values: Array, posi
 
 
 def _mlp(layer: Params, x: Array, ql: dict[str, QWeight]) -> Array:
-    gate = gelu_tanh(_mat("btd,fd->btf", x, layer, "gate", ql))  # [B, T, F]
-    return _mat("btf,df->btd", gate * _mat("btd,fd->btf", x, layer, "up", ql), layer, "down", ql)
+    if "gate_up" in ql:  # gate and up stacked: one product
+        gate, up = jnp.split(ql["gate_up"].dot(x).astype(x.dtype), 2, axis=-1)  # [B, T, F] each
+    else:
+        gate, up = (_mat("btd,fd->btf", x, layer, n, ql) for n in ("gate", "up"))  # [B, T, F]
+    return _mat("btf,df->btd", gelu_tanh(gate) * up, layer, "down", ql)
 
 
 def forward(params: Params, tokens: Array, positions: Array, state: KVState | None,

@@ -25,18 +25,19 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows [n0, n1) of W against MB rows of x (row stride K).
-// y is [M, N] (row stride N, column stride 1) or, transposed, [N, M] (strides 1 and M).
+// Rows [n0, n1) of W against MB rows of x (row stride K), over columns [k0, k1) (whole groups):
+// y = the products (k0 == 0) or y += them. y is [M, N] (row stride N, column stride 1) or,
+// transposed, [N, M] (strides 1 and M).
 template <int MB>
 void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
-          int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1) {
+          int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     const int8_t* qr = q + n * K;
     const float* sr = so + n * groups * 2;
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = k0 / G; g < k1 / G; ++g) {
       const __m256 s = _mm256_set1_ps(sr[2 * g]);
       const __m256 o = _mm256_set1_ps(sr[2 * g + 1]);
       for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
@@ -46,35 +47,45 @@ void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G
           acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w, acc[m]);
       }
     }
-    for (int m = 0; m < MB; ++m) y[m * ys_m + n * ys_n] = hsum(acc[m]);
+    for (int m = 0; m < MB; ++m) {
+      float& out = y[m * ys_m + n * ys_n];
+      out = (k0 == 0 ? 0.0f : out) + hsum(acc[m]);
+    }
   }
 }
 
 void RowsAny(int mb, const float* x, int64_t K, const int8_t* q, const float* so, int64_t G,
-             float* y, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1) {
+             float* y, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0,
+             int64_t k1) {
   switch (mb) {
-    case 1: return Rows<1>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 2: return Rows<2>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 3: return Rows<3>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 4: return Rows<4>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 5: return Rows<5>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 6: return Rows<6>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    case 7: return Rows<7>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
-    default: return Rows<8>(x, K, q, so, G, y, ys_m, ys_n, n0, n1);
+    case 1: return Rows<1>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 2: return Rows<2>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 3: return Rows<3>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 4: return Rows<4>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 5: return Rows<5>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 6: return Rows<6>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    case 7: return Rows<7>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
+    default: return Rows<8>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1);
   }
 }
 
 // Output rows [n0, n1) for all M rows of x, 8 rows of x at a time; n is tiled so a tile of W
-// stays in cache while each group of 8 rows of x reads it.
+// stays in cache while each group of 8 rows of x reads it, and K is cut into equal slices of at
+// most 640 columns so that 8 rows of an x slice (20 KB) stay in the L1 cache (K = 2048 in one
+// pass ran at 60% of the speed of K = 640).
 void Range(const float* x, int64_t M, int64_t K, const int8_t* q, const float* so, int64_t G,
            float* y, int64_t N, bool transposed, int64_t n0, int64_t n1) {
   const int64_t ys_m = transposed ? 1 : N, ys_n = transposed ? M : 1;
   const int64_t tile = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(K, 1));
+  const int64_t slices = (K + 639) / 640;
+  const int64_t kb = ((K / G + slices - 1) / slices) * G;  // whole groups per slice
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int mb = static_cast<int>(std::min<int64_t>(8, M - m0));
-      RowsAny(mb, x + m0 * K, K, q, so, G, y + m0 * ys_m, ys_m, ys_n, t0, t1);
+      for (int64_t k0 = 0; k0 < K; k0 += kb)
+        RowsAny(mb, x + m0 * K, K, q, so, G, y + m0 * ys_m, ys_m, ys_n, t0, t1, k0,
+                std::min(K, k0 + kb));
     }
   }
 }

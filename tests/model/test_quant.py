@@ -146,7 +146,8 @@ def test_engine_decodes_a_gguf_on_its_codes_unless_turned_off(embedded, monkeypa
     m, codes = embedded
     dw = m.engine.head
     assert isinstance(dw, quant.DecodeWeights) and dw.embed is not None
-    assert sum(len(layer) for layer in dw.layers) == 7 * m.config.num_layers  # every matrix
+    # Every matrix, q/k/v and gate/up stacked.
+    assert all(set(layer) == {"qkv", "o", "gate_up", "down"} for layer in dw.layers)
     assert quant.nbytes(dw) < 0.4 * sum(x.nbytes for x in jax.tree_util.tree_leaves(m.params))
     monkeypatch.setenv("GEMMA_BATCH_QUANT_DECODE", "off")
     assert not isinstance(decode_head(m.params, None, codes=lambda: codes), quant.DecodeWeights)
@@ -155,7 +156,8 @@ def test_engine_decodes_a_gguf_on_its_codes_unless_turned_off(embedded, monkeypa
     p = dict(m.params, layers=list(m.params["layers"]))
     p["layers"][2] = dict(p["layers"][2], up=p["layers"][2]["up"] * 1.5)
     dw2 = quant.decode_weights(codes, p)
-    assert "up" not in dw2.layers[2] and "down" in dw2.layers[2] and "up" in dw2.layers[3]
+    assert set(dw2.layers[2]) == {"qkv", "o", "gate", "down"}  # up alone is float32
+    assert "gate_up" in dw2.layers[3]
 
 
 @needs_kernel
