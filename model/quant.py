@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,15 @@ def gguf_order(name: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _gguf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `gguf_order` gives our parameter `name` of this shape."""
+    if name in ("q", "k", "v"):
+        return (math.prod(shape[1:]), shape[0])
+    if name == "o":
+        return (shape[-1], math.prod(shape[:-1]))
+    return tuple(shape)
+
+
 def codes_exact(q: jax.Array, so: jax.Array, w: jax.Array) -> jax.Array:
     """Whether codes q [N, K] with so [N, K / G, 2] give w [N, K] (GGUF order) exactly."""
     n, k = q.shape
@@ -82,24 +92,32 @@ def _same(q: jax.Array, so: jax.Array, w: jax.Array, leaf: str) -> jax.Array:
     return codes_exact(q, so, gguf_order(leaf, w))
 
 
-def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True) -> DecodeWeights:
+def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True,
+                   checked: bool = False,
+                   on_checked: Callable[[dict[str, Codes]], None] | None = None
+                   ) -> DecodeWeights:
     """DecodeWeights (device arrays) of the codes that give `params`' float32 weights exactly;
-    a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path."""
+    a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path.
+    `checked`: the codes passed that check before (cached by `on_checked`, which gets the
+    codes that pass when they were checked here)."""
     layers: list[dict[str, QWeight]] = [{} for _ in params["layers"]]
-    embed, dropped = None, []
+    embed, dropped, good = None, [], {}
     for name, (q, so, group) in codes.items():
         leaf = name.split(".")[-1]
         w = params[name] if name == "embed" else params["layers"][int(name.split(".")[1])][leaf]
-        q, so = jnp.asarray(q), jnp.asarray(so)
-        if (w.dtype != jnp.float32 or gguf_order(leaf, w).shape != q.shape
-                or not bool(_same(q, so, w, leaf))):
+        q, so = jax.device_put(q), jax.device_put(so)
+        if (w.dtype != jnp.float32 or _gguf_shape(leaf, w.shape) != q.shape
+                or not (checked or bool(_same(q, so, w, leaf)))):
             dropped.append(name)
             continue
+        good[name] = codes[name]
         w = QWeight(q, so, group)
         if name == "embed":
             embed = w
         else:
             layers[int(name.split(".")[1])][leaf] = w
+    if on_checked is not None and not checked and good:
+        on_checked(good)
     for layer in layers:
         _fuse(layer)
     if dropped:

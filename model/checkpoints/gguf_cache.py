@@ -1,5 +1,7 @@
 """The on-disk cache of dequantized GGUF trees: one float32 safetensors file (config and info in
-its metadata) plus the tokenizer proto, keyed by the GGUF's content, so a reload takes seconds."""
+its metadata) plus the tokenizer proto, keyed by the GGUF's content, so a reload takes seconds;
+beside it, the block codes the decode kernel reads (checkpoints/gguf_codes.py), once they were
+checked against that tree."""
 
 from __future__ import annotations
 
@@ -40,6 +42,47 @@ def cache_paths(path: Path) -> tuple[Path, Path]:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
     base = cache_dir() / "gguf-f32"
     return base / f"{stem}-{key}.safetensors", base / f"{stem}-{key}.tokenizer.model"
+
+
+def codes_file(path: Path) -> Path:
+    """Where the checked block codes of the GGUF at `path` are cached."""
+    weights_file, _ = cache_paths(path)
+    return weights_file.with_name(weights_file.stem + ".codes.safetensors")
+
+
+def read_codes_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]] | None:
+    """{name: (q, so, group)} cached by `write_codes_cache`, or None if absent/damaged."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    file = codes_file(path)
+    if not file.exists():
+        return None
+    try:
+        with safe_open(file, framework="numpy") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        groups = json.loads(meta["groups"])
+        arrays = load_file(file)
+        return {n: (arrays[f"{n}.q"], arrays[f"{n}.so"], int(g)) for n, g in groups.items()}
+    except Exception:  # rebuilt from the GGUF, never trusted
+        return None
+
+
+def write_codes_cache(path: Path, codes: dict[str, tuple[np.ndarray, np.ndarray, int]]) -> None:
+    """Stores codes that gave the cached float32 tree exactly; a read-only cache is skipped."""
+    from safetensors.numpy import save_file
+
+    arrays = {}
+    for n, (q, so, _) in codes.items():
+        arrays[f"{n}.q"], arrays[f"{n}.so"] = np.asarray(q), np.asarray(so)
+    meta = {"format": CACHE_FORMAT, "source": str(path),
+            "groups": json.dumps({n: g for n, (_, _, g) in codes.items()})}
+    try:
+        atomic_write(codes_file(path), lambda tmp: save_file(arrays, str(tmp), metadata=meta))
+    except OSError:
+        return
 
 
 def _config_from_json(text: str) -> GemmaConfig:

@@ -92,6 +92,27 @@ def gguf_codes(g: GGUFFile, t: TensorInfo) -> Codes | None:
     return q, so, group
 
 
+class GGUFCodes:
+    """The codes of one GGUF file for `quant.decode_weights`: calling it returns them from the
+    cache when an earlier engine checked them against the float32 tree (`checked` is then True),
+    else reads them from the file; `remember` caches codes that passed the check."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.checked = Path(path), False
+
+    def __call__(self) -> dict[str, Codes]:
+        from model.checkpoints.gguf_cache import read_codes_cache
+
+        cached = read_codes_cache(self.path)
+        self.checked = cached is not None
+        return cached if cached is not None else read_codes(self.path)
+
+    def remember(self, codes: dict[str, Codes]) -> None:
+        from model.checkpoints.gguf_cache import write_codes_cache
+
+        write_codes_cache(self.path, codes)
+
+
 def read_codes(path: str | Path) -> dict[str, Codes]:
     """Codes of every decodable matrix of a Gemma GGUF: {"embed": ..., "layers.3.q": ...}."""
     g = open_gguf(path)

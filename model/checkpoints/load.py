@@ -5,7 +5,6 @@ one reader per kind (random preset, embedded GGUF, GGUF file, HF directory, Orba
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,11 +119,11 @@ def _random(name: str, dtype: Any, seed: int) -> Loaded:
 def _gguf(path: Path, dtype: Any) -> Loaded:
     from model.checkpoints.gguf import load_gguf
 
-    from model.checkpoints.gguf_codes import read_codes
+    from model.checkpoints.gguf_codes import GGUFCodes
 
     cfg, params, tokenizer, info = load_gguf(path, dtype)
     return Loaded(path.stem, cfg, params, tokenizer, info.get("prompt_format", "completion"), info,
-                  functools.partial(read_codes, path))
+                  GGUFCodes(path))
 
 
 def _tokenizer_beside(directory: Path) -> Tokenizer | None:

@@ -129,7 +129,9 @@ def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None,
         from model import kernels, quant
 
         if kernels.available():
-            return quant.decode_weights(codes(), params)
+            found = codes()
+            return quant.decode_weights(found, params, checked=getattr(codes, "checked", False),
+                                        on_checked=getattr(codes, "remember", None))
     if bf16_dots is None:
         bf16_dots = fast_bf16()
     if not bf16_dots or not one_cpu or embed.dtype != jnp.float32 or embed.size < 1 << 24:

@@ -16,7 +16,8 @@ import pytest
 from model import kernels, load_model, quant
 from model import transformer as tr
 from model.checkpoints.dequant import dequantize
-from model.checkpoints.gguf_codes import gguf_codes, read_codes
+from model.checkpoints.gguf_cache import codes_file
+from model.checkpoints.gguf_codes import GGUFCodes, gguf_codes, read_codes
 from model.checkpoints.gguf_format import open_gguf
 from model.cpu import cpu_flags
 from model.embedded import embedded_gguf_path
@@ -158,6 +159,25 @@ def test_engine_decodes_a_gguf_on_its_codes_unless_turned_off(embedded, monkeypa
     dw2 = quant.decode_weights(codes, p)
     assert set(dw2.layers[2]) == {"qkv", "o", "gate", "down"}  # up alone is float32
     assert "gate_up" in dw2.layers[3]
+
+
+@needs_kernel
+def test_checked_codes_are_cached_and_a_damaged_entry_is_read_again(embedded, tmp_path,
+                                                                      monkeypatch):
+    m, _ = embedded
+    monkeypatch.setenv("GEMMA_BATCH_CACHE", str(tmp_path))
+    src = GGUFCodes(embedded_gguf_path())
+    first = decode_head(m.params, None, codes=src)
+    assert not src.checked and codes_file(src.path).exists()
+    again = decode_head(m.params, None, codes=src)  # from the cache, not checked again
+    assert src.checked
+    leaves = jax.tree_util.tree_leaves
+    assert len(leaves(again)) == len(leaves(first))
+    for a, b in zip(leaves(first), leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    codes_file(src.path).write_bytes(b"not a safetensors file")
+    decode_head(m.params, None, codes=src)
+    assert not src.checked  # read from the GGUF and checked
 
 
 @needs_kernel
