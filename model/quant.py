@@ -4,9 +4,10 @@ A decode step with a few rows is bound by the bytes of its weights. GGUF's Q8_0,
 Q6_K blocks are all `scale * q + offset` over groups of 32 (16 for Q6_K) with small integer
 codes q, so each tensor is kept as int8 codes [N, K] plus float32 (scale, offset) per group:
 1.25-1.5 bytes per weight instead of float32's 4. Every weight equals the float32 weight the
-model was loaded with, bit for bit (`codes_exact` checks it per tensor at load; a tensor that
-does not match keeps its float32 path), so decode differs from the float32 program only in the
-order of summation. Prefill (many rows per product) keeps the float32 weights.
+model was loaded with, bit for bit (`codes_exact` checks it per tensor the first time; codes
+that passed are cached, checkpoints/gguf_cache.py; a tensor that does not match keeps its float32
+path), so decode differs from the float32 program only in the order of summation. Prefill (many
+rows per product) keeps the float32 weights.
 """
 
 from __future__ import annotations
