@@ -52,8 +52,8 @@ class DecodeWeights:
     """Quantized matrices a decode step reads instead of the float32 ones: `embed` (the tied
     head, or None) and per layer {name: QWeight} for q, k, v, o, gate, up, down (absent: the
     float32 weight); q, k and v with one group size are one matrix "qkv" (their rows stacked),
-    and gate and up "gate_up", so each is one kernel call. `attention` (static): the step's attention core runs in the native kernel
-    too (`kernels.decode_attention`)."""
+    and gate and up "gate_up", so each is one kernel call. `attention` (static): the step's
+    attention core runs in the native kernel too (`kernels.decode_attention`)."""
 
     embed: QWeight | None
     layers: tuple[dict[str, QWeight], ...]
