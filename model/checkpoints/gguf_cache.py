@@ -44,6 +44,16 @@ def cache_paths(path: Path) -> tuple[Path, Path]:
     return base / f"{stem}-{key}.safetensors", base / f"{stem}-{key}.tokenizer.model"
 
 
+def _current_meta(file: Path) -> dict[str, str] | None:
+    """A cache file's metadata if it was written in CACHE_FORMAT, else None (a damaged file
+    raises)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="numpy") as f:
+        meta = f.metadata() or {}
+    return meta if meta.get("format") == CACHE_FORMAT else None
+
+
 def codes_file(path: Path) -> Path:
     """Where the checked block codes of the GGUF at `path` are cached."""
     weights_file, _ = cache_paths(path)
@@ -52,16 +62,14 @@ def codes_file(path: Path) -> Path:
 
 def read_codes_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]] | None:
     """{name: (q, so, group)} cached by `write_codes_cache`, or None if absent/damaged."""
-    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     file = codes_file(path)
     if not file.exists():
         return None
     try:
-        with safe_open(file, framework="numpy") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != CACHE_FORMAT:
+        meta = _current_meta(file)
+        if meta is None:
             return None
         groups = json.loads(meta["groups"])
         arrays = load_file(file)
@@ -93,16 +101,14 @@ def _config_from_json(text: str) -> GemmaConfig:
 
 def read_cache(path: Path) -> Hit | None:
     """(cfg, info, flat weights, tokenizer proto) from the cache, or None if absent/damaged."""
-    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     weights_file, proto_file = cache_paths(path)
     if not (weights_file.exists() and proto_file.exists()):
         return None
     try:
-        with safe_open(weights_file, framework="numpy") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != CACHE_FORMAT:
+        meta = _current_meta(weights_file)
+        if meta is None:
             return None
         cfg = _config_from_json(meta["config"])
         info = json.loads(meta["info"])
@@ -133,12 +139,9 @@ def write_cache(path: Path, cfg: GemmaConfig, info: dict[str, Any],
 
 def _drop_old_formats(base: Path) -> None:
     """Removes cached trees written by an older CACHE_FORMAT (each the size of the model)."""
-    from safetensors import safe_open
-
     for old in base.glob("*.safetensors"):
         try:
-            with safe_open(old, framework="numpy") as f:
-                current = (f.metadata() or {}).get("format") == CACHE_FORMAT
+            current = _current_meta(old) is not None
         except Exception:
             current = False  # damaged: never read back either
         if not current:

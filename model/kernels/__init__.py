@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "qmatmul.cc", _HERE / "attention.cc"]
-_HEADERS = [_HERE / "parallel.h"]
+_HEADERS = [_HERE / "parallel.h", _HERE / "simd.h"]
 # FFI target -> the handler symbol the library exports.
 _TARGETS = {"gemma_batch_qmatmul": "GemmaBatchQMatmul",
             "gemma_batch_decode_attention": "GemmaBatchDecodeAttention"}

@@ -15,18 +15,14 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using gemma_batch::hsum;
 
 // exp(x) to about 1 ulp: 2^n * P(r) with r = x - n ln2 (ln2 split in two parts) and the
 // minimax polynomial of the Cephes library's expf. x is clamped to [-87, 88] (-87 gives ~1e-38).

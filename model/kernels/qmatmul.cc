@@ -12,18 +12,14 @@
 #include <cstdint>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using gemma_batch::hsum;
 
 // Rows [n0, n1) of W against MB rows of x (row stride K), over columns [k0, k1) (whole groups):
 // y = the products (k0 == 0) or y += them. y is [M, N] (row stride N, column stride 1) or,
