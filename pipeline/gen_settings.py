@@ -37,7 +37,7 @@ class GenSettings:
     stop: tuple[str, ...] | None
     mesh: tuple[int, int] | None  # (data, model); None = chosen from devices and model size
     schema: pa.Schema  # the output schema (id, contract columns, carried columns)
-    phase_board: str | None = None  # named Ray actor the actor reports its phase to
+    phase_board: str | None = None  # the board (pipeline.phases) the actor reports its phase to
     output: str | None = None  # where the actor writes its parts (None: returns the rows)
     slots: int = 32  # rows decoding at once per actor
     params: tuple[str, ...] = ()  # per-row settings the batches carry (row_params.PARAMS)

@@ -1,12 +1,15 @@
 """What a job is doing before its first row: the generator actors report their phase (loading
-the model, compiling programs) to a small named Ray actor that the driver polls for its progress
-line. Reporting is fire-and-forget and never fails a job."""
+the model, compiling programs) as entries under one job-unique prefix of Ray's key-value store
+(held by the GCS, which every worker reaches); the driver polls that prefix for its progress line.
+No process of its own: on a small machine an extra actor's worker start delays the generators'.
+Reporting is best effort and never fails a job."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,37 +17,28 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often the driver reads the board
+NAMESPACE = "gemma-batch-phases"
 
 
-class _Board:
-    """Every phase report, in the order they arrived, and each actor's latest."""
+def _kv() -> Any:
+    # Ray's internal key-value store (the GCS's; Ray Serve and runtime envs keep their own
+    # bookkeeping there). Imported here so a job without Ray never loads it.
+    from ray.experimental import internal_kv
 
-    def __init__(self) -> None:
-        self._by_actor: dict[str, str] = {}
-        self._reports: list[str] = []
-
-    def report(self, who: str, phase: str) -> None:
-        self._by_actor[who] = phase
-        same = sum(1 for p in self._by_actor.values() if p == phase)
-        self._reports.append(f"{phase} ({same} actors)" if same > 1 else phase)
-
-    def since(self, seen: int) -> list[str]:
-        """The reports after the first `seen` (words ready to show)."""
-        return self._reports[seen:]
+    return internal_kv
 
 
 class PhaseBoard:
-    """Driver side: creates the board actor, polls it into `on_phase`, removes it at `close`."""
+    """Driver side: polls the job's prefix into `on_phase`, in report order; `close` removes it.
+
+    A key is `<name>/<ns clock>-<actor>-<seq>`: sorted keys are the reports in the order they
+    were made (an actor's own in sequence), whatever order the listing returns them in."""
 
     def __init__(self, on_phase: Callable[[str], None]):
-        import ray
-
-        self.name = f"gemma-batch-phases-{uuid.uuid4().hex[:10]}"
-        # num_cpus=0: it must never take a CPU from the generator actors or the read tasks.
-        self._actor = ray.remote(num_cpus=0, max_restarts=0)(_Board).options(
-            name=self.name, lifetime=None).remote()
+        self.name = f"job-{uuid.uuid4().hex[:10]}"
         self._on_phase = on_phase
-        self._seen = 0
+        self._seen: set[bytes] = set()
+        self._by_actor: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -53,53 +47,56 @@ class PhaseBoard:
     def flush(self) -> None:
         """Shows the reports not shown yet, in order (the poller calls it; the driver also
         does right before its first row, so no phase reported before it is lost)."""
-        import ray
-
         with self._lock:
             try:
-                new = ray.get(self._actor.since.remote(self._seen), timeout=5)
+                kv = _kv()
+                keys = sorted(set(kv._internal_kv_list(self.name + "/", namespace=NAMESPACE))
+                              - self._seen)
+                new = [(k, kv._internal_kv_get(k, namespace=NAMESPACE)) for k in keys]
             except Exception as e:  # noqa: BLE001 - progress is best effort
                 log.debug("phase board read failed: %s", e)
                 return
-            self._seen += len(new)
-            for phase in new:  # each in turn: a short phase is still shown (and logged)
-                self._on_phase(phase)
+            for key, value in new:  # each in turn: a short phase is still shown (and logged)
+                self._seen.add(key)
+                if value is None:
+                    continue
+                who, phase = key.decode().rsplit("-", 2)[1], value.decode()
+                self._by_actor[who] = phase
+                same = sum(1 for p in self._by_actor.values() if p == phase)
+                self._on_phase(f"{phase} ({same} actors)" if same > 1 else phase)
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             self.flush()
 
     def close(self) -> None:
-        import ray
-
         self._stop.set()
         self._thread.join(timeout=2)
         try:
-            ray.kill(self._actor)
+            _kv()._internal_kv_del(self.name + "/", del_by_prefix=True, namespace=NAMESPACE)
         except Exception as e:  # noqa: BLE001 - already gone with its cluster
-            log.debug("phase board kill failed: %s", e)
+            log.debug("phase board cleanup failed: %s", e)
 
 
 class PhaseReporter:
-    """Actor side: sends this process's phase to the board named `name` (None: reports nothing)."""
+    """Actor side: adds this process's phase to the board named `name` (None: reports nothing)."""
 
     def __init__(self, name: str | None):
-        self._name, self._handle = name, None
-        self._who = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._name = name
+        self._who = f"{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self._seq = 0
+        self._lock = threading.Lock()
 
-    def __call__(self, phase: str, wait: bool = False) -> None:
-        """Sends `phase`; `wait`: until the board has it (and every earlier report of ours)."""
+    def __call__(self, phase: str) -> None:
+        """Adds `phase`; the board has it when this returns (one call to the GCS)."""
         if not self._name:
             return
         try:
-            import ray
-
-            if self._handle is None:
-                self._handle = ray.get_actor(self._name)
-            ref = self._handle.report.remote(self._who, phase)
-            if wait:
-                ray.get(ref, timeout=5)
-        except Exception as e:  # noqa: BLE001 - the board may be gone; the job goes on
+            with self._lock:  # reports of one actor keep their order (the watcher's thread too)
+                self._seq += 1
+                key = f"{self._name}/{time.time_ns():020d}-{self._who}-{self._seq:06d}"
+                _kv()._internal_kv_put(key, phase, namespace=NAMESPACE)
+        except Exception as e:  # noqa: BLE001 - the cluster may be going; the job goes on
             log.debug("phase report failed: %s", e)
             self._name = None
 
@@ -114,8 +111,7 @@ class PhaseReporter:
             now = count()
             if now != last[0] or final:
                 last[0] = now
-                self(f"first batch: {now} of about {max(planned, now)} programs compiled",
-                     wait=final)
+                self(f"first batch: {now} of about {max(planned, now)} programs compiled")
 
         def loop() -> None:
             while not stop.wait(0.25):
@@ -127,8 +123,8 @@ class PhaseReporter:
         def stopper() -> None:
             stop.set()
             t.join(timeout=1)
-            # Always, and waited for: the board has every phase before the batch's rows reach
-            # the driver (which reads the board before showing its first row).
+            # Always: the board has every phase before the batch's rows reach the driver
+            # (which reads the board before showing its first row).
             tick(final=True)
 
         return stopper

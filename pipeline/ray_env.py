@@ -37,10 +37,14 @@ def ensure_ray(debug: bool = False) -> bool:
     saved = os.environ.get(NICENESS_ENV)
     if address is None and saved is None:
         os.environ[NICENESS_ENV] = "0"
+    # A cluster started here inherits this process's environment (storage.worker_env() is part
+    # of it): no job runtime_env, so the workers Ray prestarts for this driver can serve its
+    # actors and tasks (a job-level env would leave them idle and start new ones, seconds on a
+    # small machine). A cluster we connect to gets the variables through the job's env.
     try:
         ray.init(
             address=address,
-            runtime_env={"env_vars": storage.worker_env()},
+            runtime_env=None if address is None else {"env_vars": storage.worker_env()},
             include_dashboard=False,
             logging_level=logging.INFO if debug else logging.ERROR,
             log_to_driver=debug,
