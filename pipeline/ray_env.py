@@ -20,8 +20,21 @@ NICENESS_ENV = "RAY_worker_niceness"  # Ray's setting: the nice value its worker
 _started_ray = False
 
 
+def _starts_a_cluster(address: str | None) -> bool:
+    """Whether `ray.init(address)` will start a new local cluster rather than connect (Ray's own
+    resolution: RAY_ADDRESS, then a `ray start` cluster on this machine). Unsure: False."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) is None
+    except Exception as e:  # noqa: BLE001 - a Ray without it, or an address it cannot resolve
+        logging.getLogger(__name__).debug("cannot tell whether Ray starts here: %s", e)
+        return False
+
+
 def ensure_ray(debug: bool = False) -> bool:
-    """Connects to Ray (RAY_ADDRESS or a new local cluster); True when this call started it."""
+    """Connects to Ray (RAY_ADDRESS, a `ray start` cluster on this machine, else a new local
+    cluster); True when this call initialised Ray (`shutdown_ray` then disconnects)."""
     import ray
 
     global _started_ray
@@ -29,22 +42,23 @@ def ensure_ray(debug: bool = False) -> bool:
         return False
     _started_ray = True
     address = os.environ.get("RAY_ADDRESS") or None
+    local = _starts_a_cluster(address)
     # A cluster started here runs its workers at the default priority. Ray's default (nice 15)
     # lets every nice-0 process (raylet, GCS, this driver, Ray Data's bookkeeping actors)
     # preempt the generator actor's compute threads at each wakeup; on a small machine that
     # cost the mixed-lengths benchmark 7% (98.9 s -> 91.5 s, bench/pipeline.py --mixed).
     # A user's own RAY_worker_niceness wins; a cluster we only connect to keeps its setting.
     saved = os.environ.get(NICENESS_ENV)
-    if address is None and saved is None:
+    if local and saved is None:
         os.environ[NICENESS_ENV] = "0"
     # A cluster started here inherits this process's environment (storage.worker_env() is part
     # of it): no job runtime_env, so the workers Ray prestarts for this driver can serve its
-    # actors and tasks (a job-level env would leave them idle and start new ones, seconds on a
+    # actors and tasks (a job-level env would leave them idle and start new ones: seconds on a
     # small machine). A cluster we connect to gets the variables through the job's env.
     try:
         ray.init(
             address=address,
-            runtime_env=None if address is None else {"env_vars": storage.worker_env()},
+            runtime_env=None if local else {"env_vars": storage.worker_env()},
             include_dashboard=False,
             logging_level=logging.INFO if debug else logging.ERROR,
             log_to_driver=debug,

@@ -1,4 +1,5 @@
-"""A local cluster that `ensure_ray` starts: its workers' priority, and the caller's env."""
+"""A local cluster that `ensure_ray` starts: its workers' priority, the caller's env in its
+workers without a job runtime env; a cluster it connects to gets the variables through one."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ import json, os, ray
 from pipeline.ray_env import NICENESS_ENV, ensure_ray, shutdown_ray
 assert ensure_ray()
 nice = ray.get(ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+seen = ray.get(ray.remote(num_cpus=0)(
+    lambda: [os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3",
+                                         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")]).remote())
+job_env = ray.get_runtime_context().runtime_env.get("env_vars")
 left = os.environ.get(NICENESS_ENV)
 shutdown_ray()
-print(json.dumps({"nice": nice, "env_after": left}))
+print(json.dumps({"nice": nice, "env_after": left, "worker_env": seen, "job_env": job_env}))
 """
 
 
@@ -35,10 +40,23 @@ def _probe(extra_env: dict[str, str]) -> dict:
 def test_local_cluster_workers_run_at_default_priority_and_env_is_restored():
     # Ray's own default is nice 15: the generator actor's threads would yield to every
     # Ray daemon wakeup.
-    r = _probe({})
-    assert r == {"nice": 0, "env_after": None}
+    r = _probe({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    assert (r["nice"], r["env_after"]) == (0, None)
+    # The workers inherit the caller's environment (storage defaults included), and the job
+    # has no runtime env: the workers Ray prestarts serve it.
+    assert r["worker_env"] == ["http://127.0.0.1:9", "false"]
+    assert r["job_env"] is None
 
 
 def test_user_niceness_setting_wins():
     r = _probe({NICENESS_ENV: "7"})
-    assert r == {"nice": 7, "env_after": "7"}
+    assert (r["nice"], r["env_after"]) == (7, "7")
+
+
+def test_a_cluster_it_connects_to_gets_the_variables_in_the_job_env(ray_cluster):
+    from pipeline.ray_env import _starts_a_cluster
+
+    assert _starts_a_cluster(ray_cluster) is False
+    r = _probe({"RAY_ADDRESS": ray_cluster, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    assert r["job_env"]["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
+    assert r["worker_env"] == ["http://127.0.0.1:9", "false"]
