@@ -57,9 +57,10 @@ def test_codes_give_every_quantized_tensor_of_the_embedded_gguf_exactly():
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 24, 37])
 @pytest.mark.parametrize("group", [16, 32])
 def test_qmatmul_matches_float64(m, group):
+    # 24 and 37 rows: several row blocks of 16 (AVX-512) or 8 (AVX2).
     rng = np.random.default_rng(m * group)
     n, k = 1000, 640
     q = rng.integers(-32, 32, (n, k), dtype=np.int8)
