@@ -101,46 +101,46 @@ def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True,
     a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path.
     `checked`: the codes passed that check before (cached by `on_checked`, which gets the
     codes that pass when they were checked here)."""
-    layers: list[dict[str, QWeight]] = [{} for _ in params["layers"]]
+    host: list[dict[str, Codes]] = [{} for _ in params["layers"]]  # checked, not yet placed
     embed, dropped, good = None, [], {}
     for name, (q, so, group) in codes.items():
         leaf = name.split(".")[-1]
         w = params[name] if name == "embed" else params["layers"][int(name.split(".")[1])][leaf]
-        q, so = jax.device_put(q), jax.device_put(so)
         if (w.dtype != jnp.float32 or _gguf_shape(leaf, w.shape) != q.shape
                 or not (checked or bool(_same(q, so, w, leaf)))):
             dropped.append(name)
             continue
         good[name] = codes[name]
-        w = QWeight(q, so, group)
         if name == "embed":
-            embed = w
+            embed = QWeight(jax.device_put(q), jax.device_put(so), group)
         else:
-            layers[int(name.split(".")[1])][leaf] = w
+            host[int(name.split(".")[1])][leaf] = (q, so, group)
     if on_checked is not None and not checked and good:
         on_checked(good)
-    for layer in layers:
-        _fuse(layer)
+    layers = tuple({k: QWeight(jax.device_put(q), jax.device_put(so), g)
+                    for k, (q, so, g) in _fuse(layer).items()} for layer in host)
     if dropped:
         log.warning("%d of %d quantized tensors do not give the loaded weights exactly (first: "
                     "%s); they keep float32 in decode", len(dropped), len(codes), dropped[0])
-    return DecodeWeights(embed, tuple(layers), attention)
+    return DecodeWeights(embed, layers, attention)
 
 
 # Matrices that multiply the same input, stacked along their output rows into one.
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
-def _fuse(layer: dict[str, QWeight]) -> None:
-    """Replaces each FUSED group whose parts are all quantized with one group size by its
-    stacked matrix (in place)."""
+def _fuse(layer: dict[str, Codes]) -> dict[str, Codes]:
+    """The layer's host codes with each FUSED group whose parts are all quantized with one
+    group size replaced by its stacked matrix (stacked on the host: one copy to the device)."""
+    out = dict(layer)
     for name, parts in FUSED.items():
-        ws = [layer.get(p) for p in parts]
-        if all(w is not None for w in ws) and len({w.group for w in ws}) == 1:
-            layer[name] = QWeight(jnp.concatenate([w.q for w in ws]),
-                                  jnp.concatenate([w.so for w in ws]), ws[0].group)
+        ws = [out.get(p) for p in parts]
+        if all(w is not None for w in ws) and len({w[2] for w in ws}) == 1:
+            out[name] = (np.concatenate([np.asarray(w[0]) for w in ws]),
+                         np.concatenate([np.asarray(w[1]) for w in ws]), ws[0][2])
             for p in parts:
-                del layer[p]
+                del out[p]
+    return out
 
 
 def nbytes(dw: Any) -> int:

@@ -25,6 +25,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def decode_each(self, ids: Sequence[int]) -> list[str]: ...
+
     def id_to_piece(self, i: int) -> str: ...
 
     def piece_to_id(self, piece: str) -> int | None: ...
@@ -83,6 +85,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
+    def decode_each(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text alone, in one call (the 262K-piece vocabulary: 0.2 s, not 0.8)."""
+        return self._sp.Decode([[int(i)] for i in ids])
+
     def is_text(self, i: int) -> bool:
         """Whether id i stands for text (not a control, unknown or unused piece)."""
         sp = self._sp
@@ -119,6 +125,9 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < 256 + self.OFFSET)
         return data.decode("utf-8", errors="replace")
+
+    def decode_each(self, ids: Sequence[int]) -> list[str]:
+        return [self.decode([i]) for i in ids]
 
     def is_text(self, i: int) -> bool:
         """Whether id i stands for text (one of the 256 bytes)."""

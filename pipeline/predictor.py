@@ -94,6 +94,22 @@ class Predictor:
                                      "param_bytes_per_device": info.get("param_bytes_per_device")})
         self._work_lock = threading.Lock()
         self._work_seen = self._engine_work()
+        threading.Thread(target=self._warm, name="gemma-batch-warm", daemon=True).start()
+
+    def _warm(self) -> None:
+        """Makes, while the first batch is on its way, what its first decode would wait for:
+        the engine's decode weights (the 270M's quantized codes read and placed: 0.3-1.5 s)
+        and the stop strings' token table (its whole vocabulary decoded: 0.2-0.8 s). Both are
+        kept where the engine looks; a failure here is met again, and raised, there."""
+        from model.engine.results import stop_string_tokens
+
+        try:
+            self.model.engine.head
+            if self.stop:
+                stop_string_tokens(self.model.tokenizer, sorted(set(self.stop)),
+                                   self.model.engine.cfg.vocab_size)
+        except Exception as e:  # noqa: BLE001
+            log.debug("preparing the first decode failed: %s", e)
 
     # -- rows in ---------------------------------------------------------------------------------
 
@@ -324,19 +340,20 @@ class Predictor:
 
         await asyncio.gather(*(one(i, t, r) for i, (t, r) in work.long.items()))
 
-    def _watch_first_compiles(self, lengths: list[int]) -> Any:
-        """On this actor's first batch: reports about how many programs it compiles, then each
-        compile as it lands (the driver shows it until the first row). Returns a stopper."""
+    def _watch_first_compiles(self, lengths: list[int], stream: bool = False) -> Any:
+        """On this actor's first batch: reports about how many programs it compiles (`stream`:
+        into a new `StreamEngine`), then each compile as it lands (the driver shows it until the
+        first row). Returns a stopper."""
         self._calls += 1
         if self._calls > 1 or not lengths:
             return lambda: None
         from model.engine import expected_programs, plan_programs
 
         engine = self.model.engine
+        slots = max(1, min(self.s.slots, engine.buckets.max_batch))
         planned = expected_programs(plan_programs(
-            lengths, self.s.max_new_tokens, max(1, min(len(lengths), self.s.slots,
-                                                       engine.buckets.max_batch)),
-            engine.buckets, stop_strings=bool(self.stop)))
+            lengths, self.s.max_new_tokens, min(len(lengths), slots), engine.buckets,
+            stop_strings=bool(self.stop)), one_wave=stream and len(lengths) <= slots)
         self.report(phase_text("compile", n=planned))
         return self.report.watch_compiles(lambda: engine.compile_log.count, planned)
 
@@ -364,7 +381,7 @@ class StreamingPredictor(Predictor):
             from model.engine import StreamEngine
 
             self._stop_watch = self._watch_first_compiles(
-                [len(work.requests[i].prompt) for i in todo])
+                [len(work.requests[i].prompt) for i in todo], stream=True)
             tok = self.model.tokenizer
             self._engine = StreamEngine(
                 self.model.engine, tok, max_batch=max(1, min(self.s.slots,

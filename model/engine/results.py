@@ -57,7 +57,8 @@ def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
     n = getattr(tokenizer, "vocab_size", None) or vocab_size or 0
     key = (tuple(stop_strings), n)
     if key not in cache:
-        texts = [tokenizer.decode([i]) for i in range(n)]
+        each = getattr(tokenizer, "decode_each", None)
+        texts = each(range(n)) if each else [tokenizer.decode([i]) for i in range(n)]
         found: set[int] = set()
         for stop in stop_strings:
             ids = [i for i, t in enumerate(texts) if stop in t]

@@ -66,10 +66,15 @@ def plan_programs(prompt_lengths: Sequence[int], max_new_tokens: int, max_batch:
     return progs
 
 
-def expected_programs(plan: set[tuple]) -> int:
+def expected_programs(plan: set[tuple], one_wave: bool = False) -> int:
     """About how many programs a call compiles, from its `plan_programs` bound: every decode,
     deactivate and chunked program it lists, plus per group two packed ones (the first fill and
-    a shared prefix); refills of other sizes add a few more."""
+    a shared prefix); refills of other sizes add a few more. `one_wave`: every row gets a slot
+    at once (a streaming engine's first batch of at most its slots): one cache length, the
+    longest, so its decode, the rows' packed prefill, a shared prefix's and, for prompts past
+    the largest span, a chunked prefill (the demo: 3)."""
+    if one_wave and plan:
+        return 3 + any(p[0] == "prefill" for p in plan)
     groups = {p[1:3] for p in plan if p[0] == "decode"}
     fixed = sum(1 for p in plan if p[0] != "packed")
     return min(len(plan), fixed + 2 * len(groups))

@@ -149,3 +149,25 @@ def test_idle_stream_engine_places_batches_submitted_together_as_one_set():
         se.close()
     assert [g.tokens for g in got] == [g.tokens for g in want]
     assert se.stream.stats.resizes == 0
+
+
+def test_a_first_wave_compiles_the_programs_the_progress_line_expects():
+    # The driver shows "k of about N programs compiled" for an actor's first batch: rows that
+    # share a frame and get their slots at once compile the frame's prefill, the rows' packed
+    # prefill and one decode, as `expected_programs(..., one_wave=True)` says.
+    from model.engine import expected_programs, plan_programs
+
+    m = load_model("tiny-gemma3")
+    engine = Engine(m.family, m.config, m.params, buckets=SB)  # its own compile log
+    rng = np.random.default_rng(3)
+    frame = [2] + rng.integers(4, 300, size=30).tolist()
+    reqs = [Request(frame + rng.integers(4, 300, size=int(rng.integers(5, 30))).tolist(),
+                    max_new_tokens=6, row_id=i) for i in range(7)]  # within one span
+    stream = Stream(engine, None, max_batch=8)
+    stream.add(reqs, lambda k, g: None)
+    while not stream.idle:
+        stream.step()
+    plan = plan_programs([len(r.prompt) for r in reqs], 6, 7, SB)
+    assert engine.compile_log.count == expected_programs(plan, one_wave=True) == 3, [
+        r.shapes for r in engine.compile_log.records]
+    assert expected_programs(plan) >= 3  # the bound for closed batches stays an upper bound
