@@ -36,6 +36,14 @@ def test_kernel_is_built_where_the_cpu_and_a_compiler_allow_it():
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2+FMA and a compiler")
 
 
+def test_kernel_is_built_for_avx512_where_the_cpu_has_it(monkeypatch):
+    # The products below then run the 16-lane path on AVX-512 CPUs and the 8-lane one elsewhere;
+    # GEMMA_BATCH_KERNEL_ISA=avx2 builds the AVX2 one anywhere (CI's AVX2 runs cover it).
+    assert ("-mavx512f" in kernels.flags()) == ("avx512f" in cpu_flags())
+    monkeypatch.setenv("GEMMA_BATCH_KERNEL_ISA", "avx2")
+    assert "-mavx512f" not in kernels.flags()
+
+
 def test_codes_give_every_quantized_tensor_of_the_embedded_gguf_exactly():
     g = open_gguf(embedded_gguf_path())
     types: dict[str, int] = {}
