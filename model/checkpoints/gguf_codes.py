@@ -7,6 +7,7 @@ scale * q are exact in float32, so the codes give the dequantized float32 weight
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -99,8 +100,22 @@ class GGUFCodes:
 
     def __init__(self, path: str | Path):
         self.path, self.checked = Path(path), False
+        self._ahead: dict[str, Codes] | None = None
+        self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        """Reads the codes now (host arrays only, no device work), for the next call to return:
+        a caller with idle time before its first decode (pipeline/predictor.py)."""
+        with self._lock:
+            if self._ahead is None:
+                self._ahead = self._read()
 
     def __call__(self) -> dict[str, Codes]:
+        with self._lock:
+            got, self._ahead = self._ahead, None  # handed over once: not kept past its use
+            return got if got is not None else self._read()
+
+    def _read(self) -> dict[str, Codes]:
         from model.checkpoints.gguf_cache import read_codes_cache
 
         cached = read_codes_cache(self.path)

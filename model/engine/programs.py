@@ -24,7 +24,7 @@ from model.engine import sampling
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
 from model.engine.constrain import Automaton, advance, mask_to_format
 from model.engine.rows import (batch_axes, copy_prefix, deactivate, decode_head, put_rows,
-                               resize, state_dtype, take_rows)
+                               resize, state_dtype, take_rows, wants_codes)
 from model.family import Family, Params, State
 
 Array = jax.Array
@@ -285,6 +285,13 @@ class Engine:
     def head(self, value: Any) -> None:
         with self._head_lock:
             self._head = value
+
+    def prefetch_codes(self) -> None:
+        """Reads the checkpoint's quantized codes that `head` will place (host arrays, no
+        device work; thread-safe), when it will read them: for a caller with idle time."""
+        prefetch = getattr(self.codes, "prefetch", None)
+        if prefetch is not None and self._head is _UNSET and wants_codes(self.params, self.mesh):
+            prefetch()
 
     def axes(self, length: int) -> Any:
         """Per state leaf of a cache of length L, its batch axis (see `batch_axes`)."""

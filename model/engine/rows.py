@@ -108,6 +108,14 @@ def state_dtype(params: Any) -> Any:
     return jnp.float32
 
 
+def wants_codes(params: Any, mesh: Any) -> bool:
+    """Whether `decode_head` reads a checkpoint's quantized codes for these params (one CPU
+    device, float32 weights, not turned off; the kernel's build is checked when it is made)."""
+    return (mesh is None and jax.default_backend() == "cpu"
+            and params["embed"].dtype == jnp.float32
+            and os.environ.get("GEMMA_BATCH_QUANT_DECODE", "on").lower() not in ("off", "0"))
+
+
 def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None,
                 codes: Callable[[], dict[str, Any]] | None = None) -> Any:
     """What decode steps read besides `params` (the `head` argument of `family.forward`):
@@ -124,8 +132,7 @@ def decode_head(params: Any, mesh: Any, bf16_dots: bool | None = None,
     """
     embed = params["embed"]
     one_cpu = mesh is None and jax.default_backend() == "cpu"
-    if (codes is not None and one_cpu and embed.dtype == jnp.float32
-            and os.environ.get("GEMMA_BATCH_QUANT_DECODE", "on").lower() not in ("off", "0")):
+    if codes is not None and wants_codes(params, mesh):
         from model import kernels, quant
 
         if kernels.available():

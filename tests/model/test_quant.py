@@ -225,3 +225,17 @@ def test_270m_decode_steps_on_codes_match_the_float32_program(embedded):
         np.testing.assert_array_equal(lq.argmax(0), l32.argmax(0))
         nxt, pos = jnp.asarray(l32.argmax(0), jnp.int32)[:, None], pos + 1
     assert worst < 1e-5, worst
+
+
+def test_codes_read_ahead_are_handed_over_once():
+    # An actor reads the codes while its first batch is on its way (host arrays only); the
+    # engine's first decode takes them, and they are not held after that.
+    codes = GGUFCodes(embedded_gguf_path())
+    codes.prefetch()
+    first = codes()
+    assert codes._ahead is None
+    again = codes()
+    assert first.keys() == again.keys()
+    for name in ("embed", "layers.0.q", "layers.17.down"):
+        np.testing.assert_array_equal(first[name][0], again[name][0])
+        assert first[name][2] == again[name][2]
