@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -29,7 +28,6 @@ from model.family import Family, Params, State
 
 Array = jax.Array
 NO_SLOT = -1  # NewRows.slot of a padding row
-_UNSET = object()
 
 
 class RowSettings(NamedTuple):
@@ -244,7 +242,6 @@ class Engine:
         """`mesh` None: the mesh the params are placed on (a 1-device mesh counts as none).
         `codes`: reads the checkpoint's quantized blocks for decode (`rows.decode_head`)."""
         self.codes = codes
-        self._head, self._head_lock = _UNSET, threading.Lock()
         mesh = sharding.mesh_of(params) if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self._param_sh = None
@@ -272,25 +269,17 @@ class Engine:
         return (f"Engine({self.family.__name__}, {type(self.cfg).__name__}, "
                 f"dtype={jnp.dtype(self.dtype)}{mesh}, programs={self.compile_log.count})")
 
-    @property
+    @functools.cached_property
     def head(self) -> Any:
-        """`decode_head(params)`, made at the first decode (a scoring-only engine never has it);
-        thread-safe, so a caller with idle time can make it ahead (pipeline/predictor.py)."""
-        with self._head_lock:
-            if self._head is _UNSET:
-                self._head = decode_head(self.params, self.mesh, codes=self.codes)
-            return self._head
-
-    @head.setter
-    def head(self, value: Any) -> None:
-        with self._head_lock:
-            self._head = value
+        """`decode_head(params)`, made at the first decode (a scoring-only engine never has it)."""
+        return decode_head(self.params, self.mesh, codes=self.codes)
 
     def prefetch_codes(self) -> None:
         """Reads the checkpoint's quantized codes that `head` will place (host arrays, no
         device work; thread-safe), when it will read them: for a caller with idle time."""
         prefetch = getattr(self.codes, "prefetch", None)
-        if prefetch is not None and self._head is _UNSET and wants_codes(self.params, self.mesh):
+        if (prefetch is not None and "head" not in self.__dict__
+                and wants_codes(self.params, self.mesh)):
             prefetch()
 
     def axes(self, length: int) -> Any:
