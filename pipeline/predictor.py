@@ -398,6 +398,13 @@ class StreamingPredictor(Predictor):
             stop()
         return await asyncio.to_thread(self._commit, work)
 
+    def close(self) -> None:
+        """Stops the engine's thread (rows still in it fail), so the engine and its compiled
+        programs can be freed; an actor's process ending does the same."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
     async def _submit_all(self, reqs: list[Any]) -> list[Any]:
         """Rows into the engine; a Generation or an exception per row."""
         futures = self._engine.submit(reqs)

@@ -35,15 +35,45 @@ if XLA_TEST_FLAGS not in os.environ.get("XLA_FLAGS", ""):
 _JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gemma-batch-test-jax-cache")
 _TEST_ENV = {"JAX_PLATFORMS": "cpu", "GEMMA_BATCH_JAX_CACHE": _JAX_CACHE,
              "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-# This process compiles hundreds of programs over the session; late in the suite XLA segfaulted
-# in it three times (twice in the persistent cache's (de)serialisation, once compiling with the
-# cache off; the same tests pass alone: tests/pipeline/test_longdoc.py now runs its model tests
-# in a fresh process). It runs without the persistent cache; actors and CLI subprocesses keep
-# it (_TEST_ENV).
+# This process runs without the persistent cache; actors and CLI subprocesses keep it
+# (_TEST_ENV).
 os.environ.setdefault("GEMMA_BATCH_JAX_CACHE", "off")
 
 
 _SKIPPED: list[str] = []  # "nodeid: reason" of every skipped test or module
+_MAPS = {"peak": 0, "module": ""}  # this process's most memory maps after a test module
+
+
+def _memory_maps() -> int:
+    """This process's memory maps (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs(request):
+    """Frees the programs a test module compiled in this process once it is done.
+
+    XLA's CPU backend maps each compiled program's code into its own few memory regions, and a
+    process has at most vm.max_map_count of them (65530 by default). This process compiles
+    thousands of programs over the suite; kept alive by JAX's caches they reached 57,000 maps
+    by tests/pipeline/test_formats.py, and the next compile failed to map its code and crashed
+    the process (exit 139) while raising the error. Each module's programs are dropped here
+    (its fixtures are gone by then: module fixtures tear down first)."""
+    yield
+    import gc
+    import sys
+
+    if "jax" in sys.modules:
+        gc.collect()
+        sys.modules["jax"].clear_caches()
+        gc.collect()
+    n = _memory_maps()
+    if n > _MAPS["peak"]:
+        _MAPS.update(peak=n, module=request.node.nodeid)
 
 
 def _ci() -> bool:
@@ -77,6 +107,10 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    if _MAPS["peak"]:
+        terminalreporter.write_line(
+            f"memory maps of this process after a test module: at most {_MAPS['peak']} (after "
+            f"{_MAPS['module']}; the kernel's limit is vm.max_map_count)")
     if _ci() and _SKIPPED:
         terminalreporter.write_line(
             f"CI=true: {len(_SKIPPED)} skipped test(s) fail this run; install what they need "

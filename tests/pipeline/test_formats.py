@@ -199,7 +199,10 @@ def test_formatted_rows_do_not_depend_on_batching(tmp_path, model):
         halves = await asyncio.gather(stream(batch.slice(0, 3)), stream(batch.slice(3)))
         return [r for t in halves for r in t.drop_columns([RECORD_COLUMN]).to_pylist()]
 
-    streamed = asyncio.run(both())
+    try:
+        streamed = asyncio.run(both())
+    finally:
+        stream.close()
     assert [r["output"] for r in streamed] == [r["output"] for r in closed]
     for a, b in zip(closed, streamed):
         assert a["error"] is None and a["choice"] in ("red", "rose")

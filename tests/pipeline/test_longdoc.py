@@ -155,8 +155,11 @@ def _stream_rows(settings, batches: list[pa.Table]) -> list[dict]:
     async def all_batches() -> list:
         return await asyncio.gather(*(pred(b) for b in batches))
 
-    return [r for t in asyncio.run(all_batches())
-            for r in t.drop_columns([RECORD_COLUMN]).to_pylist()]
+    try:
+        tables = asyncio.run(all_batches())
+    finally:
+        pred.close()
+    return [r for t in tables for r in t.drop_columns([RECORD_COLUMN]).to_pylist()]
 
 
 @in_fresh_process
