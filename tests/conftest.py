@@ -53,6 +53,10 @@ def _memory_maps() -> int:
         return 0
 
 
+# A test module's memo dicts (models, engines, jitted functions it reuses across its tests).
+_MEMOS = ("_MODELS", "_ENGINES", "_JIT")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_compiled_programs(request):
     """Frees the programs a test module compiled in this process once it is done.
@@ -62,11 +66,17 @@ def _free_compiled_programs(request):
     thousands of programs over the suite; kept alive by JAX's caches they reached 57,000 maps
     by tests/pipeline/test_formats.py, and the next compile failed to map its code and crashed
     the process (exit 139) while raising the error. Each module's programs are dropped here
-    (its fixtures are gone by then: module fixtures tear down first)."""
+    (its fixtures are gone by then: module fixtures tear down first), and so are the models and
+    engines it memoised in its module-level dicts named in _MEMOS (test_prefix.py's engines
+    alone kept 16,000 maps alive for the rest of the session)."""
     yield
     import gc
     import sys
 
+    for name in _MEMOS:
+        memo = getattr(request.module, name, None)
+        if isinstance(memo, dict):
+            memo.clear()
     if "jax" in sys.modules:
         gc.collect()
         sys.modules["jax"].clear_caches()
