@@ -7,6 +7,8 @@ tokens, and only at the places the template marks.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -33,6 +35,9 @@ class Tokenizer(Protocol):
 
     def is_text(self, i: int) -> bool: ...
 
+
+# Ids per SentencePiece decode call in `decode_each`.
+_DECODE_CHUNK = 16384
 
 _SPECIAL = re.compile(r"(<start_of_turn>|<end_of_turn>|<bos>|<eos>)")
 
@@ -86,8 +91,19 @@ class SentencePieceTokenizer:
         return self._sp.DecodeIds([int(i) for i in ids])
 
     def decode_each(self, ids: Sequence[int]) -> list[str]:
-        """Each id's text alone, in one call (the 262K-piece vocabulary: 0.2 s, not 0.8)."""
-        return self._sp.Decode([[int(i)] for i in ids])
+        """Each id's text alone, in batched calls (the 262K-piece vocabulary: 0.3 s, not 0.8);
+        SentencePiece holds the GIL in a call, so a call takes at most `_DECODE_CHUNK` ids and
+        other threads run between them."""
+        ids = [int(i) for i in ids]
+        out: list[str] = []
+        for k in range(0, len(ids), _DECODE_CHUNK):
+            out.extend(self._sp.Decode([[i] for i in ids[k:k + _DECODE_CHUNK]]))
+        return out
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the model proto: keys what is cached on disk about this vocabulary."""
+        return hashlib.sha256(self.model_proto).hexdigest()[:24]
 
     def is_text(self, i: int) -> bool:
         """Whether id i stands for text (not a control, unknown or unused piece)."""

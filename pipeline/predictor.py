@@ -98,9 +98,10 @@ class Predictor:
 
     def _warm(self) -> None:
         """Reads, while the first batch is on its way, what its first decode would wait for:
-        the checkpoint's quantized codes (the 270M's 338 MB: 0.25-1.3 s) and the stop strings'
-        token table (its whole vocabulary decoded: 0.2-0.8 s). Host work only: the device
-        work (placing the codes) stays on the engine's thread. Both are kept where the engine
+        the checkpoint's quantized codes (the 270M's 338 MB, memory-mapped from the cache) and
+        the stop strings' token table (from the cache; else the whole vocabulary decoded,
+        0.3 s alone, 3 s beside Ray's processes starting). Host work only: the device work
+        (placing the codes) stays on the engine's thread. Both are kept where the engine
         looks; a failure here is met again, and raised, there."""
         from model.engine.results import stop_string_tokens
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from model.checkpoints.safetensors_io import load_file, read_metadata
 from model.config import GemmaConfig
 from model.paths import atomic_write, cache_dir
 
@@ -47,10 +48,7 @@ def cache_paths(path: Path) -> tuple[Path, Path]:
 def _current_meta(file: Path) -> dict[str, str] | None:
     """A cache file's metadata if it was written in CACHE_FORMAT, else None (a damaged file
     raises)."""
-    from safetensors import safe_open
-
-    with safe_open(file, framework="numpy") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(file)
     return meta if meta.get("format") == CACHE_FORMAT else None
 
 
@@ -61,9 +59,8 @@ def codes_file(path: Path) -> Path:
 
 
 def read_codes_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]] | None:
-    """{name: (q, so, group)} cached by `write_codes_cache`, or None if absent/damaged."""
-    from safetensors.numpy import load_file
-
+    """{name: (q, so, group)} cached by `write_codes_cache` (memory-mapped), or None if
+    absent/damaged."""
     file = codes_file(path)
     if not file.exists():
         return None
@@ -100,9 +97,8 @@ def _config_from_json(text: str) -> GemmaConfig:
 
 
 def read_cache(path: Path) -> Hit | None:
-    """(cfg, info, flat weights, tokenizer proto) from the cache, or None if absent/damaged."""
-    from safetensors.numpy import load_file
-
+    """(cfg, info, flat weights (memory-mapped), tokenizer proto) from the cache, or None if
+    absent/damaged."""
     weights_file, proto_file = cache_paths(path)
     if not (weights_file.exists() and proto_file.exists()):
         return None

@@ -24,6 +24,16 @@ _DTYPES = {
 
 def read_header(path: Path) -> tuple[dict, int]:
     """Returns (tensor table, byte offset of the data section); checks the file is whole."""
+    table, base, _ = _header(path)
+    return table, base
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The file's `__metadata__` (string keys and values; {} when it has none)."""
+    return _header(Path(path))[2]
+
+
+def _header(path: Path) -> tuple[dict, int, dict[str, str]]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -38,13 +48,13 @@ def read_header(path: Path) -> tuple[dict, int]:
             table = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    table.pop("__metadata__", None)
+    meta = table.pop("__metadata__", None) or {}
     end = max((int(t["data_offsets"][1]) for t in table.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, its header needs {8 + n + end}); "
             "re-download or re-save the checkpoint")
-    return table, 8 + n
+    return table, 8 + n, meta
 
 
 def load_file(path: str | Path) -> dict[str, np.ndarray]:

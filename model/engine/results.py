@@ -4,6 +4,9 @@ cut), and the stop-token table the decode loop checks on device."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,12 +41,17 @@ class Generation:
 
 def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
                        vocab_size: int | None = None) -> frozenset[int]:
-    """Ids whose text alone contains a stop string (cached per tokenizer and strings).
+    """Ids whose text alone contains a stop string (cached per tokenizer and strings, in memory
+    and, for a tokenizer with a `fingerprint`, on disk).
 
     A token decoded alone can only lose a leading space against its text in context, so a
     token listed here completes the stop string wherever it appears; stop strings that span
     tokens are still found by the host's text check, and so is a string held by more than
     `MAX_STOP_TOKENS` tokens (" " or "e": a table that size would cost every decode step).
+
+    Decoding the 262K-piece vocabulary takes 0.3 s alone but 3 s or more in an actor starting
+    beside Ray's other processes on 2 cores, holding the GIL (so the engine's thread) meanwhile:
+    the disk cache makes every later process's table a file read.
     """
     if tokenizer is None or not stop_strings:
         return frozenset()
@@ -57,15 +65,55 @@ def stop_string_tokens(tokenizer: Any, stop_strings: Sequence[str],
     n = getattr(tokenizer, "vocab_size", None) or vocab_size or 0
     key = (tuple(stop_strings), n)
     if key not in cache:
-        each = getattr(tokenizer, "decode_each", None)
-        texts = each(range(n)) if each else [tokenizer.decode([i]) for i in range(n)]
-        found: set[int] = set()
-        for stop in stop_strings:
-            ids = [i for i, t in enumerate(texts) if stop in t]
-            if len(ids) <= MAX_STOP_TOKENS:
-                found.update(ids)
-        cache[key] = frozenset(found)
+        file = _stop_tokens_file(tokenizer, key)
+        found = _read_ids(file)
+        if found is None:
+            found = _find_stop_tokens(tokenizer, stop_strings, n)
+            if file is not None:
+                _write_ids(file, found)
+        cache[key] = found
     return cache[key]
+
+
+def _find_stop_tokens(tokenizer: Any, stop_strings: Sequence[str], n: int) -> frozenset[int]:
+    each = getattr(tokenizer, "decode_each", None)
+    texts = each(range(n)) if each else [tokenizer.decode([i]) for i in range(n)]
+    found: set[int] = set()
+    for stop in stop_strings:
+        ids = [i for i, t in enumerate(texts) if stop in t]
+        if len(ids) <= MAX_STOP_TOKENS:
+            found.update(ids)
+    return frozenset(found)
+
+
+def _stop_tokens_file(tokenizer: Any, key: tuple[tuple[str, ...], int]) -> Path | None:
+    """The disk cache entry of (stop strings, vocabulary size) for this tokenizer, or None for a
+    tokenizer without a `fingerprint` (cheap to decode: the byte tokenizer)."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if not fingerprint:
+        return None
+    from model.paths import cache_dir
+
+    digest = hashlib.sha256(json.dumps([fingerprint, *key]).encode()).hexdigest()[:24]
+    return cache_dir() / "stop-tokens" / f"{digest}.json"
+
+
+def _read_ids(file: Path | None) -> frozenset[int] | None:
+    if file is None or not file.exists():
+        return None
+    try:
+        return frozenset(int(i) for i in json.loads(file.read_text())["ids"])
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged entry is computed again
+        return None
+
+
+def _write_ids(file: Path, ids: frozenset[int]) -> None:
+    from model.paths import atomic_write
+
+    try:
+        atomic_write(file, lambda tmp: tmp.write_text(json.dumps({"ids": sorted(ids)})))
+    except OSError:  # a read-only cache: computed again next time
+        pass
 
 
 MAX_STOP_TOKENS = 1024

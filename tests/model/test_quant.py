@@ -180,6 +180,9 @@ def test_checked_codes_are_cached_and_a_damaged_entry_is_read_again(embedded, tm
     assert not src.checked and codes_file(src.path).exists()
     again = decode_head(m.params, None, codes=src)  # from the cache, not checked again
     assert src.checked
+    # Read memory-mapped (no copy, no GIL held while 338 MB are read): the arrays are views.
+    cached = src()
+    assert all(not q.flags.owndata and not q.flags.writeable for q, _, _ in cached.values())
     leaves = jax.tree_util.tree_leaves
     assert len(leaves(again)) == len(leaves(first))
     for a, b in zip(leaves(first), leaves(again)):

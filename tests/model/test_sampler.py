@@ -4,6 +4,7 @@ seeded sampling, stop tokens / strings, and the number of compiled programs."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +241,29 @@ def test_stop_string_tokens_stop_rows_on_device():
     m = tiny("tiny-gemma3")
     assert stop_string_tokens(m.tokenizer, ["7"]) == frozenset(m.tokenizer.encode("7"))
     assert stop_string_tokens(m.tokenizer, ["78"]) == frozenset()
+
+
+def test_stop_string_tokens_are_kept_on_disk_per_vocabulary(tmp_path, monkeypatch):
+    from model.checkpoints.load import load_text_side
+    from model.engine.results import stop_string_tokens
+    from model.tokenizer import SentencePieceTokenizer
+
+    monkeypatch.setenv("GEMMA_BATCH_CACHE", str(tmp_path))
+    proto = load_text_side("gemma3-270m").tokenizer.model_proto
+    first = stop_string_tokens(SentencePieceTokenizer(proto), ["\n"])
+    (entry,) = (tmp_path / "stop-tokens").glob("*.json")
+    fresh = SentencePieceTokenizer(proto)  # another process's tokenizer: nothing in memory
+
+    def no_decode(ids):
+        raise AssertionError("the vocabulary was decoded again although the cache holds it")
+
+    fresh.decode_each = no_decode
+    assert stop_string_tokens(fresh, ["\n"]) == first and len(first) > 1
+    # Other stop strings are another entry; a damaged entry is computed again and rewritten.
+    other = SentencePieceTokenizer(proto)
+    assert stop_string_tokens(other, ["\n", "."]) > first
+    assert len(list((tmp_path / "stop-tokens").glob("*.json"))) == 2
+    entry.write_text("{not json")
+    again = SentencePieceTokenizer(proto)
+    assert stop_string_tokens(again, ["\n"]) == first
+    assert json.loads(entry.read_text())["ids"] == sorted(first)
