@@ -100,29 +100,44 @@ def decode_weights(codes: dict[str, Codes], params: Any, attention: bool = True,
     """DecodeWeights (device arrays) of the codes that give `params`' float32 weights exactly;
     a tensor whose codes do not (another file, bf16 parameters) keeps its float32 path.
     `checked`: the codes passed that check before (cached by `on_checked`, which gets the
-    codes that pass when they were checked here)."""
+    codes that pass when they were checked here, FUSED groups already stacked, so a later
+    engine places them as they are: "layers.3.qkv" names one)."""
     host: list[dict[str, Codes]] = [{} for _ in params["layers"]]  # checked, not yet placed
     embed, dropped, good = None, [], {}
     for name, (q, so, group) in codes.items():
         leaf = name.split(".")[-1]
-        w = params[name] if name == "embed" else params["layers"][int(name.split(".")[1])][leaf]
-        if (w.dtype != jnp.float32 or _gguf_shape(leaf, w.shape) != q.shape
-                or not (checked or bool(_same(q, so, w, leaf)))):
+        layer = None if name == "embed" else params["layers"][int(name.split(".")[1])]
+        ws = [params[name]] if layer is None else [layer.get(p) for p in FUSED.get(leaf, [leaf])]
+        if (any(w is None or w.dtype != jnp.float32 for w in ws)
+                or _stacked_shape(leaf, [w.shape for w in ws]) != q.shape
+                or not (checked or (leaf not in FUSED and bool(_same(q, so, ws[0], leaf))))):
             dropped.append(name)
             continue
         good[name] = codes[name]
-        if name == "embed":
+        if layer is None:
             embed = QWeight(jax.device_put(q), jax.device_put(so), group)
         else:
             host[int(name.split(".")[1])][leaf] = (q, so, group)
+    fused = [_fuse(layer) for layer in host]
     if on_checked is not None and not checked and good:
-        on_checked(good)
+        on_checked({**({"embed": good["embed"]} if "embed" in good else {}),
+                    **{f"layers.{i}.{k}": c for i, layer in enumerate(fused)
+                       for k, c in layer.items()}})
     layers = tuple({k: QWeight(jax.device_put(q), jax.device_put(so), g)
-                    for k, (q, so, g) in _fuse(layer).items()} for layer in host)
+                    for k, (q, so, g) in layer.items()} for layer in fused)
     if dropped:
         log.warning("%d of %d quantized tensors do not give the loaded weights exactly (first: "
                     "%s); they keep float32 in decode", len(dropped), len(codes), dropped[0])
     return DecodeWeights(embed, layers, attention)
+
+
+def _stacked_shape(leaf: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The GGUF-order shape of our parameter `leaf` (one shape), or of a FUSED group's stacked
+    matrix (its parts' shapes, in FUSED order)."""
+    parts = [_gguf_shape(p, s) for p, s in zip(FUSED.get(leaf, [leaf]), shapes)]
+    if len({k for _, k in parts}) != 1:
+        return ()
+    return (sum(n for n, _ in parts), parts[0][1])
 
 
 # Matrices that multiply the same input, stacked along their output rows into one.

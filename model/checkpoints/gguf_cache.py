@@ -22,6 +22,11 @@ from model.paths import atomic_write, cache_dir
 # format are removed when the new one is written.
 CACHE_FORMAT = "gemma-batch-gguf-f32-v2"
 
+# How the codes file holds a layer's matrices: v2 stacks q, k, v ("qkv") and gate, up ("gate_up")
+# as the decode kernel reads them (quant.FUSED), so an engine places them without copying. The
+# layout is in the file's name: another version's file is never read as this one.
+CODES_LAYOUT = "stacked-v2"
+
 Hit = tuple[GemmaConfig, dict[str, Any], dict[str, np.ndarray], bytes]  # cfg, info, flat, proto
 
 
@@ -55,7 +60,7 @@ def _current_meta(file: Path) -> dict[str, str] | None:
 def codes_file(path: Path) -> Path:
     """Where the checked block codes of the GGUF at `path` are cached."""
     weights_file, _ = cache_paths(path)
-    return weights_file.with_name(weights_file.stem + ".codes.safetensors")
+    return weights_file.with_name(f"{weights_file.stem}.codes-{CODES_LAYOUT}.safetensors")
 
 
 def read_codes_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]] | None:
@@ -66,7 +71,7 @@ def read_codes_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]
         return None
     try:
         meta = _current_meta(file)
-        if meta is None:
+        if meta is None or meta.get("layout") != CODES_LAYOUT:
             return None
         groups = json.loads(meta["groups"])
         arrays = load_file(file)
@@ -82,12 +87,16 @@ def write_codes_cache(path: Path, codes: dict[str, tuple[np.ndarray, np.ndarray,
     arrays = {}
     for n, (q, so, _) in codes.items():
         arrays[f"{n}.q"], arrays[f"{n}.so"] = np.asarray(q), np.asarray(so)
-    meta = {"format": CACHE_FORMAT, "source": str(path),
+    meta = {"format": CACHE_FORMAT, "layout": CODES_LAYOUT, "source": str(path),
             "groups": json.dumps({n: g for n, (_, _, g) in codes.items()})}
+    file = codes_file(path)
     try:
-        atomic_write(codes_file(path), lambda tmp: save_file(arrays, str(tmp), metadata=meta))
+        atomic_write(file, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
     except OSError:
         return
+    # The layout before stacked-v2 (one matrix per tensor), the size of the codes again.
+    file.with_name(file.name.replace(f".codes-{CODES_LAYOUT}.", ".codes.")).unlink(
+        missing_ok=True)
 
 
 def _config_from_json(text: str) -> GemmaConfig:

@@ -183,10 +183,15 @@ def test_checked_codes_are_cached_and_a_damaged_entry_is_read_again(embedded, tm
     # Read memory-mapped (no copy, no GIL held while 338 MB are read): the arrays are views.
     cached = src()
     assert all(not q.flags.owndata and not q.flags.writeable for q, _, _ in cached.values())
+    # Stored stacked as the kernel reads them (q, k, v -> qkv; gate, up -> gate_up).
+    assert {"layers.0.qkv", "layers.0.gate_up", "layers.0.o"} <= cached.keys()
+    assert "layers.0.q" not in cached and cached["layers.0.qkv"][0].shape == (1536, 640)
     leaves = jax.tree_util.tree_leaves
     assert len(leaves(again)) == len(leaves(first))
     for a, b in zip(leaves(first), leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Damaged (a new file: the arrays above still map the old one, as a running engine's do).
+    codes_file(src.path).unlink()
     codes_file(src.path).write_bytes(b"not a safetensors file")
     decode_head(m.params, None, codes=src)
     assert not src.checked  # read from the GGUF and checked
@@ -231,6 +236,6 @@ def test_codes_read_ahead_are_handed_over_once():
     assert codes._ahead is None
     again = codes()
     assert first.keys() == again.keys()
-    for name in ("embed", "layers.0.q", "layers.17.down"):
+    for name in ("embed", "layers.0.o", "layers.17.down"):  # in either layout (see below)
         np.testing.assert_array_equal(first[name][0], again[name][0])
         assert first[name][2] == again[name][2]
