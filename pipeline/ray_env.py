@@ -18,6 +18,7 @@ READ_TASK_CPUS = 0.25  # reading is light; never let it compete with generator a
 NICENESS_ENV = "RAY_worker_niceness"  # Ray's setting: the nice value its workers run at
 
 _started_ray = False
+_started_local = False  # `ensure_ray` started the cluster here (not only connected to one)
 
 
 def _starts_a_cluster(address: str | None) -> bool:
@@ -37,12 +38,12 @@ def ensure_ray(debug: bool = False) -> bool:
     cluster); True when this call initialised Ray (`shutdown_ray` then disconnects)."""
     import ray
 
-    global _started_ray
+    global _started_ray, _started_local
     if ray.is_initialized():
         return False
     _started_ray = True
     address = os.environ.get("RAY_ADDRESS") or None
-    local = _starts_a_cluster(address)
+    local = _started_local = _starts_a_cluster(address)
     # A cluster started here runs its workers at the default priority. Ray's default (nice 15)
     # lets every nice-0 process (raylet, GCS, this driver, Ray Data's bookkeeping actors)
     # preempt the generator actor's compute threads at each wakeup; on a small machine that
@@ -70,13 +71,37 @@ def ensure_ray(debug: bool = False) -> bool:
 
 
 def shutdown_ray() -> None:
-    """Disconnects from Ray if `ensure_ray` connected (never a cluster someone else started)."""
-    global _started_ray
+    """Disconnects from Ray if `ensure_ray` connected, and stops the cluster if it started one
+    (never a cluster someone else started)."""
+    global _started_ray, _started_local
     if _started_ray:
         import ray
 
+        if _started_local:
+            monitor = local_monitor()
+            if monitor is not None:
+                monitor.kill()
+                monitor.wait()
         ray.shutdown()
-        _started_ray = False
+        _started_ray = _started_local = False
+
+
+def local_monitor() -> Any:
+    """The autoscaler monitor process (`subprocess.Popen`) of the cluster this process started,
+    or None. `ray.shutdown` stops it after the GCS, so its SIGTERM handler waits on the GCS and
+    Ray kills it a second later: 1.0 of a 1.35 s shutdown, at the end of every local job.
+    Killed first, the rest stops in 0.2 s. Ray's node internals: None where they differ."""
+    try:
+        import ray
+        from ray._private import ray_constants
+
+        node = ray._private.worker._global_node
+        infos = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+        live = [i.process for i in infos if i.process.poll() is None]
+        return live[0] if len(live) == 1 else None
+    except Exception:  # noqa: BLE001 - another Ray: its own shutdown order
+        return None
+_started_local = False  # `ensure_ray` started the cluster here (not only connected to one)
 
 
 def actor_options(spec: JobSpec, cluster_cpus: float, in_flight: int = 1) -> dict[str, Any]:

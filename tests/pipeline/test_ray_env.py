@@ -23,8 +23,16 @@ seen = ray.get(ray.remote(num_cpus=0)(
                                          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")]).remote())
 job_env = ray.get_runtime_context().runtime_env.get("env_vars")
 left = os.environ.get(NICENESS_ENV)
+from pipeline.ray_env import local_monitor
+monitor = local_monitor()
+cmd = " ".join(monitor.args) if monitor is not None else None
+node = ray._private.worker._global_node
+daemons = [i.process for infos in node.all_processes.values() for i in infos]
 shutdown_ray()
-print(json.dumps({"nice": nice, "env_after": left, "worker_env": seen, "job_env": job_env}))
+print(json.dumps({"nice": nice, "env_after": left, "worker_env": seen, "job_env": job_env,
+                  "monitor": cmd, "monitor_rc": monitor.poll() if monitor else None,
+                  "daemons_left": sum(p.poll() is None for p in daemons),
+                  "initialized": ray.is_initialized()}))
 """
 
 
@@ -46,6 +54,10 @@ def test_local_cluster_workers_run_at_default_priority_and_env_is_restored():
     # has no runtime env: the workers Ray prestarts serve it.
     assert r["worker_env"] == ["http://127.0.0.1:9", "false"]
     assert r["job_env"] is None
+    # Shutdown stops the autoscaler monitor first (found through Ray's node: this fails if Ray
+    # changes how it keeps it), then every process the cluster started.
+    assert r["monitor"] is not None and "monitor.py" in r["monitor"]
+    assert r["monitor_rc"] == -9 and r["daemons_left"] == 0 and not r["initialized"]
 
 
 def test_user_niceness_setting_wins():
@@ -60,3 +72,4 @@ def test_a_cluster_it_connects_to_gets_the_variables_in_the_job_env(ray_cluster)
     r = _probe({"RAY_ADDRESS": ray_cluster, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
     assert r["job_env"]["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
     assert r["worker_env"] == ["http://127.0.0.1:9", "false"]
+    assert r["monitor"] is None  # a cluster it only connected to: nothing of it is stopped
