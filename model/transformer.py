@@ -15,10 +15,10 @@ one masking rule serves prefill, decode, ring buffers and slot reuse:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -38,7 +38,8 @@ _NEG = -1e30  # mask value for attention scores (float32)
 QUANT_MAX_ROWS = 32
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVState:
     """Per-layer K/V caches and the positions their slots hold.
 
