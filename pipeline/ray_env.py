@@ -101,7 +101,6 @@ def local_monitor() -> Any:
         return live[0] if len(live) == 1 else None
     except Exception:  # noqa: BLE001 - another Ray: its own shutdown order
         return None
-_started_local = False  # `ensure_ray` started the cluster here (not only connected to one)
 
 
 def actor_options(spec: JobSpec, cluster_cpus: float, in_flight: int = 1) -> dict[str, Any]:
