@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Self
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError, JobError
+from pipeline.storage import unreachable_now
 
 if TYPE_CHECKING:
     from pipeline.output import OutputDir
@@ -182,6 +183,8 @@ class Lease:
                     log.error("output %s: this run lost its lease to %s", self.d.given,
                               h.describe() if h else "nobody (the file was removed)")
                     return
+                if self._stop.is_set():  # released while this beat read: write nothing
+                    return
                 self.me.heartbeat = time.time()
                 self.d.write_bytes(LEASE, self.me.to_json())
             except Exception as e:  # noqa: BLE001 - retried at the next beat
@@ -201,10 +204,18 @@ class Lease:
         self.release()
 
     def release(self) -> None:
-        """Stops the heartbeat; removes the lease if still ours (only after `take`)."""
+        """Stops the heartbeat; removes the lease if still ours (only after `take`).
+
+        When the storage takes no connection (a run failing because its store went away), the
+        lease is left to go stale rather than waiting out the storage library's retries first.
+        """
         self._stop.set()
-        self._thread.join(timeout=30)
         _HELD.discard(self.me.token)
+        if (cause := unreachable_now(self.d.url)) is not None:
+            log.debug("output %s: storage unreachable (%s); its lease goes stale %.0f s after "
+                      "the last heartbeat", self.d.given, cause, self.me.timeout_s)
+            return
+        self._thread.join(timeout=30)
         try:
             if (h := read(self.d)) is not None and h.token == self.me.token:
                 self.d.remove([LEASE])

@@ -147,16 +147,36 @@ def check_reachable(url: str, attempts: int = 3, timeout_s: float = 3.0) -> None
     for attempt in range(attempts):
         if attempt:
             time.sleep(0.25 * attempt)
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-        except OSError as e:
-            cause = connection_cause(e) or f"{type(e).__name__}: {e}"
-            if isinstance(e, socket.gaierror) and e.errno != socket.EAI_AGAIN:
-                break  # an unknown host stays unknown
-            continue
-        _reachable.add((host, port))
-        return
+        if (e := _connect(host, port, timeout_s)) is None:
+            _reachable.add((host, port))
+            return
+        cause = connection_cause(e) or f"{type(e).__name__}: {e}"
+        if isinstance(e, socket.gaierror) and e.errno != socket.EAI_AGAIN:
+            break  # an unknown host stays unknown
     raise StorageUnreachable(unreachable_message(url, cause))
+
+
+def unreachable_now(url: str, timeout_s: float = 2.0) -> str | None:
+    """Why the storage endpoint of a remote URL takes no connection now (one try), else None
+    (it does, or the URL is local, its endpoint unknown, or a proxy is in the way).
+
+    For cleanup after a failure: whether touching the store can work at all, answered at once
+    instead of after the storage library's retries (gcsfs: 30-60 s per call).
+    """
+    ep = endpoint_of(url)
+    if ep is None or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    e = _connect(ep[1], ep[2], timeout_s)
+    return None if e is None else connection_cause(e) or f"{type(e).__name__}: {e}"
+
+
+def _connect(host: str, port: int, timeout_s: float) -> OSError | None:
+    """Opens and closes one TCP connection; the error, or None."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return e
+    return None
 
 
 def get_fs(url: str):

@@ -102,3 +102,42 @@ def test_storage_outage_fails_cleanly_then_resume_finishes(tmp_path):
         assert fs.exists("outage/run/_SUCCESS")
     finally:
         server.kill()
+
+
+def test_a_lease_on_a_store_that_went_away_is_left_at_once(tmp_path, monkeypatch):
+    """Releasing a lease when the store takes no connection does not wait out gcsfs's retries
+    (30-60 s per call): the lease stays, to go stale, and the heartbeat writes nothing more."""
+    from pipeline.lease import TIMEOUT_ENV, Lease, read
+    from pipeline.output import OutputDir
+
+    port, root = _free_port(), tmp_path / "gcs"
+    root.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    server = _server(root, port)
+    try:
+        req = urllib.request.Request(f"{url}/storage/v1/b?project=test",
+                                     data=b'{"name": "gone"}',
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        monkeypatch.setenv(TIMEOUT_ENV, "2")  # a beat every 0.5 s
+        out = OutputDir("gs://gone/run")
+        lease = Lease(out, "gemma-batch run")
+        lease.take()
+        time.sleep(1.2)  # beats land while the store is up
+        held = read(out)
+        assert held.token == lease.me.token and held.heartbeat > lease.me.taken_at
+        server.terminate()
+        server.wait(timeout=10)
+        t0 = time.monotonic()
+        lease.release()
+        assert time.monotonic() - t0 < 15  # one refused connection, not a retry schedule
+        server = _server(root, port)  # back: the lease is where it was, beaten no more
+        time.sleep(1.5)
+        left = read(out)
+        assert left.token == lease.me.token and left.heartbeat <= time.time() - 1.0
+        lease._thread.join(timeout=90)  # the beat caught in gcsfs's retries ends on its own
+        assert not lease._thread.is_alive() and read(out).heartbeat == left.heartbeat
+    finally:
+        server.kill()
