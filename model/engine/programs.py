@@ -255,6 +255,7 @@ class Engine:
         self._axes: dict[int, Any] = {}
         self._state_sh: dict[tuple[int, int], Any] = {}
         self._init: dict[tuple[int, int], Callable[[], State]] = {}
+        self._slots: dict[tuple[int, int], Callable[[], Slots]] = {}
         # Prefilled prompt prefixes by their tokens: (1-row state, its cache length); see
         # scheduler.py.
         self.prefixes: collections.OrderedDict[tuple[int, ...], tuple[State, int]] = (
@@ -311,8 +312,8 @@ class Engine:
 
     def _put(self, x: Any, rows: bool = False) -> Any:
         """Host values onto the device(s): replicated, or with `rows` axis 0 over `data`."""
-        if self.mesh is None:
-            return jax.tree_util.tree_map(jnp.asarray, x)
+        if self.mesh is None:  # not jnp.asarray: that compiles a program per shape and dtype
+            return jax.device_put(x)
         return jax.tree_util.tree_map(
             lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)) if rows
                                      else sharding.replicated(self.mesh)), x)
@@ -338,9 +339,13 @@ class Engine:
         return self._init[b, length]()
 
     def empty_slots(self, b: int, out_len: int) -> Slots:
-        """B free slots with room for O generated tokens (see `empty_slots`)."""
-        slots = empty_slots(b, out_len)
-        return slots if self.mesh is None else sharding.place(slots, self._slots_sh(slots))
+        """B free slots with room for O generated tokens (see `empty_slots`), made by one
+        jitted program per shape (op by op, each of its ~12 arrays compiled an eager program)."""
+        if (b, out_len) not in self._slots:
+            sh = (None if self.mesh is None else
+                  self._slots_sh(jax.eval_shape(lambda: empty_slots(b, out_len))))
+            self._slots[b, out_len] = jax.jit(lambda: empty_slots(b, out_len), out_shardings=sh)
+        return self._slots[b, out_len]()
 
     # The programs.
 
