@@ -34,15 +34,17 @@ class QWeight:
     q: jax.Array  # int8 [N, K]
     so: jax.Array  # float32 [N, K / group, 2]
     group: int = dataclasses.field(metadata=dict(static=True))
+    rows: jax.Array | None = None  # bool [M]: the rows of x wanted (None: all; see `for_rows`)
 
     def dot(self, x: jax.Array, vocab_major: bool = False) -> jax.Array:
-        """x [..., K] -> [..., N] float32, or [N, M] with `vocab_major` (x [M, K])."""
+        """x [..., K] -> [..., N] float32, or [N, M] with `vocab_major` (x [M, K]); rows of x
+        not in `rows` give zeros."""
         from model.kernels import qmatmul
 
         if vocab_major:
-            return qmatmul(x, self.q, self.so, self.group, vocab_major=True)
+            return qmatmul(x, self.q, self.so, self.group, vocab_major=True, rows=self.rows)
         lead = x.shape[:-1]
-        y = qmatmul(x.reshape(-1, x.shape[-1]), self.q, self.so, self.group)
+        y = qmatmul(x.reshape(-1, x.shape[-1]), self.q, self.so, self.group, rows=self.rows)
         return y.reshape(lead + (self.q.shape[0],))
 
 
@@ -58,6 +60,16 @@ class DecodeWeights:
     embed: QWeight | None
     layers: tuple[dict[str, QWeight], ...]
     attention: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def for_rows(self, rows: jax.Array) -> "DecodeWeights":
+        """The same matrices for a step whose rows of x are wanted only where `rows` (bool [M]:
+        a decode step's active slots): the others are skipped (a wave's finished rows cost
+        nothing) and give zeros."""
+        def per(w: QWeight | None) -> QWeight | None:
+            return None if w is None else dataclasses.replace(w, rows=rows)
+
+        return dataclasses.replace(self, embed=per(self.embed), layers=tuple(
+            {k: per(w) for k, w in layer.items()} for layer in self.layers))
 
 
 def gguf_order(name: str, w: np.ndarray) -> np.ndarray:

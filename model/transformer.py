@@ -298,6 +298,8 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
     if isinstance(head, DecodeWeights):
         b, t = tokens.shape
         quant, head = (head if t == 1 and b <= QUANT_MAX_ROWS else None), None
+        if quant is not None:  # free slots (position -1) are not computed
+            quant = quant.for_rows(positions[:, 0] >= 0)
     dtype = params["embed"].dtype
     x = params["embed"][tokens]  # [B, T, D]
     x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)

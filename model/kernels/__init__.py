@@ -111,14 +111,17 @@ def reason() -> str:
 
 
 def qmatmul(x: jax.Array, q: jax.Array, so: jax.Array, group: int,
-            vocab_major: bool = False) -> jax.Array:
+            vocab_major: bool = False, rows: jax.Array | None = None) -> jax.Array:
     """x float32 [M, K] . W^T with W[n, k] = so[n, k // group, 0] * q[n, k] + so[n, k // group, 1]
     (q int8 [N, K], so float32 [N, K / group, 2]) -> float32 [M, N], or [N, M] with
-    `vocab_major`. Needs `available()`."""
+    `vocab_major`. `rows` (bool [M], default all): the rows wanted; the others are not computed
+    and come out as zeros (the wanted rows' outputs are the same either way). Needs
+    `available()`."""
     m, n = x.shape[0], q.shape[0]
     shape = (n, m) if vocab_major else (m, n)
+    rows = jnp.ones((m,), jnp.int32) if rows is None else rows.astype(jnp.int32)
     call = jax.ffi.ffi_call("gemma_batch_qmatmul", jax.ShapeDtypeStruct(shape, jnp.float32))
-    return call(x.astype(jnp.float32), q, so, group=np.int64(group),
+    return call(x.astype(jnp.float32), q, so, rows, group=np.int64(group),
                 transposed=np.int64(vocab_major))
 
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "parallel.h"
 #include "simd.h"
@@ -27,11 +28,11 @@ constexpr int kNarrowRows = 8;  // rows of x per AVX2 pass (16 registers; 10 or 
 constexpr int kWideRows = 16;   // rows of x per AVX-512 pass (32 registers; 12: no faster)
 
 // Rows [n0, n1) of W against MB rows of x (row stride K), over columns [k0, k1) (whole groups):
-// y = the products (k0 == 0) or y += them. y is [M, N] (row stride N, column stride 1) or,
-// transposed, [N, M] (strides 1 and M).
+// y = the products (k0 == 0) or y += them; row m of x is output row ym[m] of y, which is
+// [M, N] (row stride N, column stride 1) or, transposed, [N, M] (strides 1 and M).
 template <int MB>
 void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
-          int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+          const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MB];
@@ -49,7 +50,7 @@ void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G
       }
     }
     for (int m = 0; m < MB; ++m) {
-      float& out = y[m * ys_m + n * ys_n];
+      float& out = y[ym[m] * ys_m + n * ys_n];
       out = (k0 == 0 ? 0.0f : out) + hsum(acc[m]);
     }
   }
@@ -58,16 +59,17 @@ void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G
 // Rows<mb> for mb in [1, sizeof...(MB)].
 template <int... MB>
 void RowsAny(std::integer_sequence<int, MB...>, int mb, const float* x, int64_t K,
-             const int8_t* q, const float* so, int64_t G, float* y, int64_t ys_m, int64_t ys_n,
-             int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-  ((mb == MB + 1 ? Rows<MB + 1>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1) : void()), ...);
+             const int8_t* q, const float* so, int64_t G, float* y, const int64_t* ym,
+             int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+  ((mb == MB + 1 ? Rows<MB + 1>(x, K, q, so, G, y, ym, ys_m, ys_n, n0, n1, k0, k1) : void()),
+   ...);
 }
 
 #ifdef __AVX512F__
 // As Rows, 16 columns at a time (G % 16 == 0), for up to 16 rows of x.
 template <int MB>
 void Rows16(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
-            int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+            const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MB];
@@ -85,7 +87,7 @@ void Rows16(const float* x, int64_t K, const int8_t* q, const float* so, int64_t
       }
     }
     for (int m = 0; m < MB; ++m) {
-      float& out = y[m * ys_m + n * ys_n];
+      float& out = y[ym[m] * ys_m + n * ys_n];
       out = (k0 == 0 ? 0.0f : out) + _mm512_reduce_add_ps(acc[m]);
     }
   }
@@ -93,22 +95,23 @@ void Rows16(const float* x, int64_t K, const int8_t* q, const float* so, int64_t
 
 template <int... MB>
 void Rows16Any(std::integer_sequence<int, MB...>, int mb, const float* x, int64_t K,
-               const int8_t* q, const float* so, int64_t G, float* y, int64_t ys_m,
-               int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-  ((mb == MB + 1 ? Rows16<MB + 1>(x, K, q, so, G, y, ys_m, ys_n, n0, n1, k0, k1) : void()), ...);
+               const int8_t* q, const float* so, int64_t G, float* y, const int64_t* ym,
+               int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+  ((mb == MB + 1 ? Rows16<MB + 1>(x, K, q, so, G, y, ym, ys_m, ys_n, n0, n1, k0, k1) : void()),
+   ...);
 }
 constexpr bool kWide = true;
 #else
 constexpr bool kWide = false;
 #endif
 
-// Output rows [n0, n1) for all M rows of x, at most `rb` rows of x at a time (M split evenly);
-// n is tiled so a tile of W stays in cache while each block of rows of x reads it, and K is cut
-// into equal slices of at most 640 columns so that a block of x (8 rows: 20 KB, 16: 40 KB) stays
-// in the L1 cache (K = 2048 in one pass ran at 60% of the speed of K = 640).
+// Output columns [n0, n1) for the M rows of x (output rows ym[0..M)), at most `rb` rows of x at
+// a time (M split evenly); n is tiled so a tile of W stays in cache while each block of rows of x
+// reads it, and K is cut into equal slices of at most 640 columns so that a block of x (8 rows:
+// 20 KB, 16: 40 KB) stays in the L1 cache (K = 2048 in one pass ran at 60% of the speed of
+// K = 640).
 void Range(const float* x, int64_t M, int64_t K, const int8_t* q, const float* so, int64_t G,
-           float* y, int64_t N, bool transposed, int64_t n0, int64_t n1) {
-  const int64_t ys_m = transposed ? 1 : N, ys_n = transposed ? M : 1;
+           float* y, const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1) {
   const bool wide = kWide && G % 16 == 0;
   const int64_t rb = wide ? kWideRows : kNarrowRows;
   const int64_t blocks = (M + rb - 1) / rb, per_block = (M + blocks - 1) / blocks;
@@ -124,20 +127,22 @@ void Range(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s
 #ifdef __AVX512F__
         if (wide) {
           Rows16Any(std::make_integer_sequence<int, kWideRows>(), mb, x + m0 * K, K, q, so, G,
-                    y + m0 * ys_m, ys_m, ys_n, t0, t1, k0, k1);
+                    y, ym + m0, ys_m, ys_n, t0, t1, k0, k1);
           continue;
         }
 #endif
-        RowsAny(std::make_integer_sequence<int, kNarrowRows>(), mb, x + m0 * K, K, q, so, G,
-                y + m0 * ys_m, ys_m, ys_n, t0, t1, k0, k1);
+        RowsAny(std::make_integer_sequence<int, kNarrowRows>(), mb, x + m0 * K, K, q, so, G, y,
+                ym + m0, ys_m, ys_n, t0, t1, k0, k1);
       }
     }
   }
 }
 
+// rows[m] == 0 marks a row of x whose output is not wanted (a free decode slot): it is not
+// computed and its output row is zeros; the other rows' outputs do not depend on which.
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                   ffi::Buffer<ffi::F32> so, ffi::ResultBuffer<ffi::F32> y, int64_t group,
-                   int64_t transposed) {
+                   ffi::Buffer<ffi::F32> so, ffi::Buffer<ffi::S32> rows,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t transposed) {
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
   if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1])
@@ -145,17 +150,47 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t M = xd[0], K = xd[1], N = qd[0], G = group;
   if (G <= 0 || G % 8 != 0 || K % G != 0 || so.element_count() != N * (K / G) * 2)
     return ffi::Error::InvalidArgument("qmatmul: groups of a multiple of 8 dividing K expected");
-  const float* xp = x.typed_data();
+  if (rows.element_count() != M)
+    return ffi::Error::InvalidArgument("qmatmul: rows [M] expected");
   const int8_t* qp = q.typed_data();
   const float* sp = so.typed_data();
   float* yp = y->typed_data();
+  const bool tr = transposed != 0;
+  const int64_t ys_m = tr ? 1 : N, ys_n = tr ? M : 1;
+  // The wanted rows (their output rows in `used`), gathered so the kernel reads contiguous
+  // rows of x, and the others. Scratch is per calling thread and only grows: a decode step
+  // makes ~75 of these calls, and allocating per call cost more than the skipped rows saved.
+  thread_local std::vector<int64_t> used, unused;
+  thread_local std::vector<float> gathered;
+  used.clear();
+  unused.clear();
+  const int32_t* rp = rows.typed_data();
+  for (int64_t m = 0; m < M; ++m) (rp[m] != 0 ? used : unused).push_back(m);
+  const int64_t Mu = static_cast<int64_t>(used.size());
+  const float* xp = x.typed_data();
+  if (Mu < M && Mu > 0) {
+    // 64-byte aligned, as XLA's buffers are: rows of x split across cache lines made every
+    // load of the kernel two (21 rows of 24 then took longer than all 24).
+    if (static_cast<int64_t>(gathered.size()) < Mu * K + 16) gathered.resize(Mu * K + 16);
+    float* dst = gathered.data();
+    dst += (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64 / sizeof(float);
+    for (int64_t i = 0; i < Mu; ++i)
+      std::copy(xp + used[i] * K, xp + (used[i] + 1) * K, dst + i * K);
+    xp = dst;
+  }
+  const int64_t* ym = used.data();
+  const int64_t* zm = unused.data();
+  const int64_t Mz = static_cast<int64_t>(unused.size());
   const int64_t chunks = std::min<int64_t>(4 * gemma_batch::Threads(pool),
                                            std::max<int64_t>(1, N / 64));
   const int64_t per = ((N + chunks - 1) / chunks + 15) / 16 * 16;
-  const bool tr = transposed != 0;
+  // A helper that starts after this call returned claims no chunk, so never reads the
+  // scratch pointers captured here.
   gemma_batch::ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t n0 = std::min(N, c * per), n1 = std::min(N, (c + 1) * per);
-    Range(xp, M, K, qp, sp, G, yp, N, tr, n0, n1);
+    if (Mu > 0) Range(xp, Mu, K, qp, sp, G, yp, ym, ys_m, ys_n, n0, n1);
+    for (int64_t n = n0; n < n1 && Mz > 0; ++n)  // n outer: transposed, a row's zeros adjoin
+      for (int64_t i = 0; i < Mz; ++i) yp[zm[i] * ys_m + n * ys_n] = 0.0f;
   });
   return ffi::Error::Success();
 }
@@ -168,6 +203,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaBatchQMatmul, QMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("transposed"));
