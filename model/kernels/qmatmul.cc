@@ -32,7 +32,8 @@ constexpr int kWideRows = 16;   // rows of x per AVX-512 pass (32 registers; 12:
 // [M, N] (row stride N, column stride 1) or, transposed, [N, M] (strides 1 and M).
 template <int MB>
 void Rows(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
-          const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+          const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1,
+          int64_t k0, int64_t k1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MB];
@@ -69,7 +70,8 @@ void RowsAny(std::integer_sequence<int, MB...>, int mb, const float* x, int64_t 
 // As Rows, 16 columns at a time (G % 16 == 0), for up to 16 rows of x.
 template <int MB>
 void Rows16(const float* x, int64_t K, const int8_t* q, const float* so, int64_t G, float* y,
-            const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+            const int64_t* ym, int64_t ys_m, int64_t ys_n, int64_t n0, int64_t n1,
+            int64_t k0, int64_t k1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MB];
@@ -158,8 +160,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const bool tr = transposed != 0;
   const int64_t ys_m = tr ? 1 : N, ys_n = tr ? M : 1;
   // The wanted rows (their output rows in `used`), gathered so the kernel reads contiguous
-  // rows of x, and the others. Scratch is per calling thread and only grows: a decode step
-  // makes ~75 of these calls, and allocating per call cost more than the skipped rows saved.
+  // rows of x, and the others. The scratch is per calling thread and only grows (a decode
+  // step makes ~75 of these calls).
   thread_local std::vector<int64_t> used, unused;
   thread_local std::vector<float> gathered;
   used.clear();
