@@ -137,12 +137,9 @@ def check_reachable(url: str, attempts: int = 3, timeout_s: float = 3.0) -> None
     file; this answers in about a second with the real cause. With an HTTP(S) proxy configured
     the probe is skipped (the connection would not go direct).
     """
-    ep = endpoint_of(url)
-    if ep is None or any(os.environ.get(v) for v in _PROXY_VARS):
+    if (target := _probe_target(url)) is None or target in _reachable:
         return
-    _, host, port, _ = ep
-    if (host, port) in _reachable:
-        return
+    host, port = target
     cause = "no attempt"
     for attempt in range(attempts):
         if attempt:
@@ -150,7 +147,7 @@ def check_reachable(url: str, attempts: int = 3, timeout_s: float = 3.0) -> None
         if (e := _connect(host, port, timeout_s)) is None:
             _reachable.add((host, port))
             return
-        cause = connection_cause(e) or f"{type(e).__name__}: {e}"
+        cause = _cause(e)
         if isinstance(e, socket.gaierror) and e.errno != socket.EAI_AGAIN:
             break  # an unknown host stays unknown
     raise StorageUnreachable(unreachable_message(url, cause))
@@ -163,11 +160,23 @@ def unreachable_now(url: str, timeout_s: float = 2.0) -> str | None:
     For cleanup after a failure: whether touching the store can work at all, answered at once
     instead of after the storage library's retries (gcsfs: 30-60 s per call).
     """
+    if (target := _probe_target(url)) is None:
+        return None
+    e = _connect(*target, timeout_s)
+    return None if e is None else _cause(e)
+
+
+def _probe_target(url: str) -> tuple[str, int] | None:
+    """(host, port) a probe of `url`'s storage connects to; None for a local path, an unknown
+    endpoint, or with an HTTP(S) proxy configured (the connection would not go direct)."""
     ep = endpoint_of(url)
     if ep is None or any(os.environ.get(v) for v in _PROXY_VARS):
         return None
-    e = _connect(ep[1], ep[2], timeout_s)
-    return None if e is None else connection_cause(e) or f"{type(e).__name__}: {e}"
+    return ep[1], ep[2]
+
+
+def _cause(e: OSError) -> str:
+    return connection_cause(e) or f"{type(e).__name__}: {e}"
 
 
 def _connect(host: str, port: int, timeout_s: float) -> OSError | None:

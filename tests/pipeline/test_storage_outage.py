@@ -4,6 +4,7 @@ with the same data, `--resume` finishes with each id exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,24 +45,32 @@ def _server(root: Path, port: int) -> subprocess.Popen:
             time.sleep(0.1)
 
 
-def _objects(url: str, prefix: str) -> list[str]:
-    import json
+def _store(tmp_path: Path, bucket: str) -> tuple[str, int, Path, subprocess.Popen]:
+    """A fresh server on a free port, its objects under tmp_path/gcs, holding `bucket`:
+    (endpoint URL, port, objects folder, server process)."""
+    port, root = _free_port(), tmp_path / "gcs"
+    root.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    server = _server(root, port)
+    req = urllib.request.Request(f"{url}/storage/v1/b?project=test",
+                                 data=json.dumps({"name": bucket}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+    except BaseException:
+        server.kill()
+        raise
+    return url, port, root, server
 
+
+def _objects(url: str, prefix: str) -> list[str]:
     with urllib.request.urlopen(f"{url}/storage/v1/b/outage/o?prefix={prefix}", timeout=5) as r:
         return [o["name"] for o in json.loads(r.read()).get("items", [])]
 
 
 def test_storage_outage_fails_cleanly_then_resume_finishes(tmp_path):
-    port, root = _free_port(), tmp_path / "gcs"
-    root.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    server = _server(root, port)
+    url, port, root, server = _store(tmp_path, "outage")
     try:
-        req = urllib.request.Request(f"{url}/storage/v1/b?project=test",
-                                     data=b'{"name": "outage"}',
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST")
-        urllib.request.urlopen(req, timeout=5).read()
         ids = [f"o{i}" for i in range(48)]
         write_shard(str(tmp_path / "in.parquet"),
                     pa.table({"id": ids, "text": [f"Document {i}." for i in range(48)]}))
@@ -110,16 +119,8 @@ def test_a_lease_on_a_store_that_went_away_is_left_at_once(tmp_path, monkeypatch
     from pipeline.lease import TIMEOUT_ENV, Lease, read
     from pipeline.output import OutputDir
 
-    port, root = _free_port(), tmp_path / "gcs"
-    root.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    server = _server(root, port)
+    url, port, root, server = _store(tmp_path, "gone")
     try:
-        req = urllib.request.Request(f"{url}/storage/v1/b?project=test",
-                                     data=b'{"name": "gone"}',
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST")
-        urllib.request.urlopen(req, timeout=5).read()
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
         monkeypatch.setenv(TIMEOUT_ENV, "2")  # a beat every 0.5 s
         out = OutputDir("gs://gone/run")
