@@ -41,7 +41,10 @@ os.environ.setdefault("GEMMA_BATCH_JAX_CACHE", "off")
 
 
 _SKIPPED: list[str] = []  # "nodeid: reason" of every skipped test or module
-_MAPS = {"peak": 0, "module": ""}  # this process's most memory maps after a test module
+# The most memory maps a test process had after a test module; under pytest-xdist each worker
+# sends its own to the controller (pytest_sessionfinish -> pytest_testnodedown), which prints
+# the largest.
+_MAPS = {"peak": 0, "module": ""}
 
 
 def _memory_maps() -> int:
@@ -110,8 +113,17 @@ def pytest_configure(config) -> None:
         config.option.durations = 25
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the controller, a worker done
+def pytest_testnodedown(node, error) -> None:
+    peak = getattr(node, "workeroutput", {}).get("memory_maps")
+    if peak and peak["peak"] > _MAPS["peak"]:
+        _MAPS.update(peak)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Under CI=true a skip is a failure: CI installs every package the suite imports."""
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: report to the controller
+        session.config.workeroutput["memory_maps"] = dict(_MAPS)
     if _ci() and _SKIPPED and exitstatus in (0, 5):  # 5: every test of the run was skipped
         session.exitstatus = 1
 
@@ -119,7 +131,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     if _MAPS["peak"]:
         terminalreporter.write_line(
-            f"memory maps of this process after a test module: at most {_MAPS['peak']} (after "
+            f"memory maps of a test process after a test module: at most {_MAPS['peak']} (after "
             f"{_MAPS['module']}; the kernel's limit is vm.max_map_count)")
     if _ci() and _SKIPPED:
         terminalreporter.write_line(

@@ -230,7 +230,11 @@ def test_dequantized_tree_is_cached_and_a_damaged_cache_is_rebuilt(tiny_files, c
         cfg2, p2, _, _ = gg.load_gguf(path)
     assert cfg2 == cfg1
     np.testing.assert_array_equal(p2["layers"][2]["o"], p1["layers"][2]["o"])
-    weights.write_bytes(weights.read_bytes()[:1000])  # damage it
+    # Damage it in a new file: p2's arrays map the old one, and truncating a mapped file in place
+    # kills the process (SIGBUS) as soon as anything (an XLA thread copying p2) reads a page.
+    damaged = weights.read_bytes()[:1000]
+    weights.unlink()
+    weights.write_bytes(damaged)
     cfg3, p3, _, _ = gg.load_gguf(path)
     np.testing.assert_array_equal(p3["embed"], p1["embed"])
     assert weights.stat().st_size > 1000
