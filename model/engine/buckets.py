@@ -220,6 +220,11 @@ class CompileLog:
 _cache_dir: Path | None = None
 
 
+def compile_cache_dir() -> Path | None:
+    """JAX's persistent cache folder in this process (`enable_compile_cache`), or None: off."""
+    return _cache_dir
+
+
 def default_cache_dir() -> Path:
     """`cache_dir()/jax`: $GEMMA_BATCH_CACHE/jax, else ~/.cache/gemma-batch/jax (XDG honoured)."""
     return cache_dir() / "jax"

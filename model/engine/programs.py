@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import numpy as np
 
 from model import sharding
 from model.config import ModelConfig
-from model.engine import sampling
+from model.engine import sampling, saved
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, DecodeStats, PrefillStats
 from model.engine.constrain import Automaton, advance, mask_to_format
 from model.engine.rows import (batch_axes, copy_prefix, deactivate, decode_head, put_rows,
@@ -318,11 +318,16 @@ class Engine:
             lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)) if rows
                                      else sharding.replicated(self.mesh)), x)
 
-    def _compile(self, fn: Callable, donate: tuple[int, ...], args: tuple,
+    def _compile(self, key: Hashable, fn: Callable, donate: tuple[int, ...], args: tuple,
                  shardings: Callable[[], tuple[Any, Any]]) -> Any:
-        """`fn` compiled for `args`; on a mesh with the (in, out) shardings `shardings()`."""
+        """`fn` compiled for `args` (`key`: its `compile_log` key); on a mesh with the (in, out)
+        shardings `shardings()`. Without a mesh the program is kept on disk, and a later
+        process loads it without tracing (`saved.py`)."""
         if self.mesh is None:
-            return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            parts = (self.family.__name__, repr(self.cfg), str(jnp.dtype(self.dtype)), key,
+                     donate)
+            return saved.load_or_compile(key[0], parts, args, lambda name: jax.jit(
+                saved.named(fn, name), donate_argnums=donate).lower(*args))
         in_sh, out_sh = shardings()
         return jax.jit(fn, donate_argnums=donate, in_shardings=in_sh,
                        out_shardings=out_sh).lower(*args).compile()
@@ -363,10 +368,11 @@ class Engine:
             return ((self._param_sh, st, sl, args[3].sharding, args[4].sharding,
                      sharding.replicated(self.mesh)), (st, sl))
 
+        key = ("prefill", b, length, o, p, t)
         fn = self.compile_log.get(
-            ("prefill", b, length, o, p, t), "prefill", f"B={b} L={length} P={p} T={t}",
-            lambda: self._compile(prefill_program(self.family, self.cfg, self.axes(length),
-                                                  self._constrain(b, length)),
+            key, "prefill", f"B={b} L={length} P={p} T={t}",
+            lambda: self._compile(key, prefill_program(self.family, self.cfg, self.axes(length),
+                                                       self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)
 
@@ -387,12 +393,12 @@ class Engine:
             return ((self._param_sh, st, sl, self.state_shardings(1, prefix_length), rep, rep),
                     (st, sl))
 
+        key = ("packed", b, length, o, n, span, prefix_len, prefix_length)
         fn = self.compile_log.get(
-            ("packed", b, length, o, n, span, prefix_len, prefix_length), "packed",
-            f"B={b} L={length} N={n} span={span} prefix<={prefix_len}",
-            lambda: self._compile(packed_program(self.family, self.cfg, self.axes(length),
-                                                 length, self.dtype, prefix_len, span,
-                                                 self._constrain(b, length)),
+            key, "packed", f"B={b} L={length} N={n} span={span} prefix<={prefix_len}",
+            lambda: self._compile(key, packed_program(self.family, self.cfg, self.axes(length),
+                                                      length, self.dtype, prefix_len, span,
+                                                      self._constrain(b, length)),
                                   (1, 2), args, shardings))
         return fn(*args)
 
@@ -415,13 +421,14 @@ class Engine:
             rep = sharding.replicated(self.mesh)
             return (self._param_sh, st, sl, rep, rep, rep, rep, rep, rep), (st, sl, rep, rep)
 
+        key = ("decode", b, length, o, len(stop_ids), shape, logprobs)
         fn = self.compile_log.get(
-            ("decode", b, length, o, len(stop_ids), shape, logprobs), "decode",
+            key, "decode",
             f"B={b} L={length} S={len(stop_ids)}" + (f" format={shape}" if formatted else "")
             + (" logprobs" if logprobs else ""),
-            lambda: self._compile(decode_program(self.family, self.cfg,
-                                                 self._constrain(b, length), formatted,
-                                                 logprobs),
+            lambda: self._compile(key, decode_program(self.family, self.cfg,
+                                                      self._constrain(b, length), formatted,
+                                                      logprobs),
                                   (1, 2), args, shardings))
         return fn(*args)
 
@@ -438,9 +445,9 @@ class Engine:
             sl = self._slots_sh(slots)
             return (sl, args[1].sharding), sl
 
-        fn = self.compile_log.get(
-            ("deactivate", b, length, o), "deactivate", f"B={b} L={length}",
-            lambda: self._compile(deactivate, (0,), args, shardings))
+        key = ("deactivate", b, length, o)
+        fn = self.compile_log.get(key, "deactivate", f"B={b} L={length}",
+                                  lambda: self._compile(key, deactivate, (0,), args, shardings))
         return fn(*args)
 
     def resize(self, state: State, slots: Slots, length: int, b: int, new_length: int,
@@ -459,10 +466,10 @@ class Engine:
             return ((self.state_shardings(b0, length), self._slots_sh(slots)),
                     (self.state_shardings(b, new_length), new_sl))
 
+        key = ("resize", b0, length, o0, b, new_length, out_len)
         fn = self.compile_log.get(
-            ("resize", b0, length, o0, b, new_length, out_len), "resize",
-            f"B={b0}->{b} L={length}->{new_length} O={o0}->{out_len}",
-            lambda: self._compile(functools.partial(
+            key, "resize", f"B={b0}->{b} L={length}->{new_length} O={o0}->{out_len}",
+            lambda: self._compile(key, functools.partial(
                 resize, lambda: (self.family.init_state(self.cfg, b, new_length, self.dtype),
                                  empty_slots(b, out_len))), (), args, shardings))
         return fn(*args)

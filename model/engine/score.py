@@ -92,9 +92,10 @@ def continuation_logprobs(engine: Engine, prompt: Sequence[int],
         return (engine._param_sh, engine.state_shardings(1, length), rep, rep, rep, rep,
                 rep), rep
 
+    key = ("score", length, n, k, len(ends))
     fn = engine.compile_log.get(
-        ("score", length, n, k, len(ends)), "score", f"C={n} K={k} L={length}",
-        lambda: engine._compile(score_program(engine, length), (), args, shardings))
+        key, "score", f"C={n} K={k} L={length}",
+        lambda: engine._compile(key, score_program(engine, length), (), args, shardings))
     return np.asarray(jax.device_get(fn(*args)), np.float64)
 
 
