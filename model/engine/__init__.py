@@ -28,9 +28,10 @@ and finds the batch axis of every state leaf by shape inspection. Per call of `g
      carry on. Nothing recompiles: a refill only changes array contents. Tokens whose text
      holds a stop string stop their row on device too (the text is still cut on the host).
 Programs (programs.py, the device side) are compiled ahead of time per shape bucket
-(buckets.py) by each model's `Engine`, logged and counted in its `compile_log`, and kept in JAX's
-persistent compilation cache. Results never depend on batch composition: rows never interact,
-and each row's random key comes from (seed, row id, step).
+(buckets.py) by each model's `Engine`, logged and counted in its `compile_log`, and kept on disk:
+in JAX's persistent compilation cache, and keyed by what they are made from (saved.py), so that a
+later process loads them without tracing. Results never depend on batch composition: rows never
+interact, and each row's random key comes from (seed, row id, step).
 """
 
 from model.engine.buckets import DEFAULT_BUCKETS, Buckets, CompileLog, enable_compile_cache

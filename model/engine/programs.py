@@ -232,7 +232,8 @@ class Engine:
         and every program takes and returns them with those shardings (nothing is re-laid out
         between calls); the programs and their count are those of one device.
       compile_log: this engine's compiled programs, with a record (program, shapes, seconds) of
-        each compile; compiles also go through JAX's persistent cache (`enable_compile_cache`).
+        each compile; compiles also go through JAX's persistent cache (`enable_compile_cache`),
+        and without a mesh are kept on disk and loaded by a later process untraced (saved.py).
     """
 
     def __init__(self, family: Family, cfg: ModelConfig, params: Params,

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from model.cpu import cpu_flags
+from model.engine.buckets import compile_cache_dir
 from model.paths import atomic_write
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ def directory() -> Path | None:
     """Where programs are kept: `programs/` in JAX's cache folder; None where that cache is
     off (GEMMA_BATCH_JAX_CACHE=off, not enabled in this process) or GEMMA_BATCH_PROGRAM_CACHE
     is off."""
-    from model.engine.buckets import compile_cache_dir
-
     if os.environ.get("GEMMA_BATCH_PROGRAM_CACHE", "").lower() in ("off", "0", "none", "false"):
         return None
     d = compile_cache_dir()
