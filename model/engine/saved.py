@@ -6,10 +6,11 @@ module: every process still traces and lowers each program before it can look it
 270M on 2 cores that is 0.5-0.65 s of tracing and 0.13-0.23 s of lowering per program, against
 0.3-0.4 s to load the executable: 2.2 of the README demo's 3.7 s of warm "compiling". Here a
 program is keyed by its inputs instead: the model package's source (.py, .cc, .h), the versions
-of JAX, jaxlib and NumPy, the backend, its devices and the CPU's flags, JAX's configuration, the
-GEMMA_BATCH_* (but the cache folders) and XLA_FLAGS variables, the engine's identity (family,
-config, dtype), the program's static key (`CompileLog` key, donated arguments) and its
-arguments' tree and types. Any change to one of them is a miss, never a stale program.
+of JAX, jaxlib, NumPy and the backend's runtime, the devices and the CPU's flags, JAX's
+settings, the GEMMA_BATCH_* (but the cache folders) and XLA_FLAGS variables, the engine's
+identity (family, config, dtype), the program's static key (`CompileLog` key, donated
+arguments) and its arguments' tree and types. Any change to one of them is a miss, never a
+stale program.
 
 Entries live in `programs/` inside JAX's cache folder (off where that cache is off, or with
 GEMMA_BATCH_PROGRAM_CACHE=off), one file per program: a magic line, the payload's SHA-256, and
@@ -62,8 +63,8 @@ def directory() -> Path | None:
 
 @functools.cache
 def _static_fingerprint() -> str:
-    """What cannot change within a process: the model package's source, versions, backend,
-    devices and CPU flags."""
+    """What cannot change within a process: the model package's source, versions, backend and
+    its runtime's version, devices and CPU flags."""
     import jaxlib
 
     h = hashlib.sha256()
@@ -71,8 +72,9 @@ def _static_fingerprint() -> str:
                        if p.suffix in (".py", ".cc", ".h") and p.is_file()):
         h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
     devices = [(d.platform, d.device_kind) for d in jax.devices()]
+    runtime = jax.devices()[0].client.platform_version  # e.g. the CUDA/driver versions
     h.update(repr((jax.__version__, jaxlib.__version__, np.__version__, platform.machine(),
-                   jax.default_backend(), devices, sorted(cpu_flags()))).encode())
+                   jax.default_backend(), runtime, devices, sorted(cpu_flags()))).encode())
     return h.hexdigest()
 
 
