@@ -19,6 +19,11 @@ def cache_dir() -> Path:
     return base / "gemma-batch"
 
 
+def switched_off(name: str) -> bool:
+    """Whether the environment variable `name` turns its cache off: off, 0, none or false."""
+    return os.environ.get(name, "").lower() in ("off", "0", "none", "false")
+
+
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     """Creates `target` through `write(tmp)` on a temporary file in its folder, then renames it
     into place (mode 0644 less the umask): readers never see a half-written file, and two

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
-from model.paths import cache_dir
+from model.paths import cache_dir, switched_off
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     if _cache_dir is not None:
         return _cache_dir
     env = os.environ.get("GEMMA_BATCH_JAX_CACHE", "")
-    if path is None and env.lower() in ("off", "0", "none", "false"):
+    if path is None and switched_off("GEMMA_BATCH_JAX_CACHE"):
         return None
     d = Path(path or env or default_cache_dir()).expanduser()
     try:

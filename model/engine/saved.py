@@ -39,7 +39,7 @@ import numpy as np
 
 from model.cpu import cpu_flags
 from model.engine.buckets import compile_cache_dir
-from model.paths import atomic_write
+from model.paths import atomic_write, switched_off
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def directory() -> Path | None:
     """Where programs are kept: `programs/` in JAX's cache folder; None where that cache is
     off (GEMMA_BATCH_JAX_CACHE=off, not enabled in this process) or GEMMA_BATCH_PROGRAM_CACHE
     is off."""
-    if os.environ.get("GEMMA_BATCH_PROGRAM_CACHE", "").lower() in ("off", "0", "none", "false"):
+    if switched_off("GEMMA_BATCH_PROGRAM_CACHE"):
         return None
     d = compile_cache_dir()
     return None if d is None else d / "programs"
