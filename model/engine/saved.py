@@ -107,9 +107,9 @@ def _read(path: Path) -> Any:
         log.warning("cannot read the compiled program %s (%s): compiling it again", path, e)
         return None
     try:
-        head, digest, payload = data[:len(MAGIC)], data[len(MAGIC):len(MAGIC) + 32], data[
-            len(MAGIC) + 32:]
-        if head != MAGIC or hashlib.sha256(payload).digest() != digest:
+        start = len(MAGIC) + 32  # magic line, SHA-256 of the payload, payload
+        digest, payload = data[len(MAGIC):start], data[start:]
+        if not data.startswith(MAGIC) or hashlib.sha256(payload).digest() != digest:
             raise ValueError("not a whole gemma-batch program file")
         blob, in_tree, out_tree = pickle.loads(payload)
         return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
