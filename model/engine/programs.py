@@ -233,7 +233,7 @@ class Engine:
         between calls); the programs and their count are those of one device.
       compile_log: this engine's compiled programs, with a record (program, shapes, seconds) of
         each compile; compiles also go through JAX's persistent cache (`enable_compile_cache`),
-        and without a mesh are kept on disk and loaded by a later process untraced (saved.py).
+        and each program is kept on disk for a later process to load untraced (saved.py).
     """
 
     def __init__(self, family: Family, cfg: ModelConfig, params: Params,
@@ -322,16 +322,19 @@ class Engine:
     def _compile(self, key: Hashable, fn: Callable, donate: tuple[int, ...], args: tuple,
                  shardings: Callable[[], tuple[Any, Any]]) -> Any:
         """`fn` compiled for `args` (`key`: its `compile_log` key); on a mesh with the (in, out)
-        shardings `shardings()`. Without a mesh the program is kept on disk, and a later
-        process loads it without tracing (`saved.py`)."""
+        shardings `shardings()`. The program is kept on disk, and a later process loads it
+        without tracing (`saved.py`); on a mesh its key also holds the mesh's devices and the
+        shardings."""
+        parts = (self.family.__name__, repr(self.cfg), str(jnp.dtype(self.dtype)), key, donate)
         if self.mesh is None:
-            parts = (self.family.__name__, repr(self.cfg), str(jnp.dtype(self.dtype)), key,
-                     donate)
             return saved.load_or_compile(key[0], parts, args, lambda name: jax.jit(
                 saved.named(fn, name), donate_argnums=donate).lower(*args))
         in_sh, out_sh = shardings()
-        return jax.jit(fn, donate_argnums=donate, in_shardings=in_sh,
-                       out_shardings=out_sh).lower(*args).compile()
+        placed = (sharding.mesh_dict(self.mesh), self.mesh.axis_names,
+                  self.mesh.device_ids.tolist(), repr(in_sh), repr(out_sh))
+        return saved.load_or_compile(key[0], (*parts, placed), args, lambda name: jax.jit(
+            saved.named(fn, name), donate_argnums=donate, in_shardings=in_sh,
+            out_shardings=out_sh).lower(*args))
 
     def init_state(self, b: int, length: int) -> State:
         """Empty model state for B slots of cache length L (made in place on a mesh). One small

@@ -9,8 +9,8 @@ program is keyed by its inputs instead: the model package's source (.py, .cc, .h
 of JAX, jaxlib, NumPy and the backend's runtime, the devices and the CPU's flags, JAX's
 settings, the GEMMA_BATCH_* (but the cache folders) and XLA_FLAGS variables, the engine's
 identity (family, config, dtype), the program's static key (`CompileLog` key, donated
-arguments) and its arguments' tree and types. Any change to one of them is a miss, never a
-stale program.
+arguments), on a device mesh its axes, device ids and the programs' shardings, and its
+arguments' tree and types. Any change to one of them is a miss, never a stale program.
 
 Entries live in `programs/` inside JAX's cache folder (off where that cache is off, or with
 GEMMA_BATCH_PROGRAM_CACHE=off), one file per program: a magic line, the payload's SHA-256, and
@@ -54,8 +54,8 @@ _events = threading.local()  # .seen: JAX monitoring events of this thread's com
 def directory() -> Path | None:
     """Where programs are kept: `programs/` in JAX's cache folder; None where that cache is
     off (GEMMA_BATCH_JAX_CACHE=off, not enabled in this process) or GEMMA_BATCH_PROGRAM_CACHE
-    is off."""
-    if switched_off("GEMMA_BATCH_PROGRAM_CACHE"):
+    is off, and in a process of a multi-process JAX job (each compiles its own)."""
+    if switched_off("GEMMA_BATCH_PROGRAM_CACHE") or jax.process_count() > 1:
         return None
     d = compile_cache_dir()
     return None if d is None else d / "programs"

@@ -1,6 +1,7 @@
 """Compiled programs kept on disk (model/engine/saved.py): a later process loads them without
-tracing and computes the same tokens; anything a program is made from changes its key; a
-damaged entry is compiled again and replaced; a compile JAX's own cache answered is not saved."""
+tracing and computes the same tokens, on one device and on a device mesh; anything a program is
+made from changes its key; a damaged entry is compiled again and replaced; a compile JAX's own
+cache answered is not saved."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def counted_named(fn, name):
 
 saved._read, saved.named = counted_read, counted_named
 from model import load_model
-m = load_model(sys.argv[2])
+mesh = tuple(map(int, sys.argv[4].split("x"))) if len(sys.argv) > 4 else None
+m = load_model(sys.argv[2], mesh_shape=mesh)
+assert (m.engine.mesh is None) == (mesh is None)
 prompts = [[2, 5, 6, 7], [2, 9, 10, 11, 12, 13, 14, 15, 16]]
 out = m.generate(prompts, max_new_tokens=int(sys.argv[3]), stop_token_ids=[])
 print(json.dumps({"tokens": [list(map(int, g.tokens)) for g in out], "loaded": len(loaded),
@@ -45,8 +48,13 @@ print(json.dumps({"tokens": [list(map(int, g.tokens)) for g in out], "loaded": l
 """
 
 
-def _run(cache: Path, model: str = "tiny-gemma3", new: int = 8, **env: str) -> tuple[dict, str]:
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(cache), model, str(new)],
+def _run(cache: Path, model: str = "tiny-gemma3", new: int = 8, mesh: str | None = None,
+         **env: str) -> tuple[dict, str]:
+    if mesh is not None:  # CPU devices for the mesh (the suite's own flags stay)
+        env.setdefault("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} "
+                                    "--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(cache), model, str(new),
+                        *([mesh] if mesh else [])],
                        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -70,6 +78,22 @@ def test_a_later_process_loads_the_programs_and_computes_the_same(tmp_path, mode
     off, _ = _run(cache, model, GEMMA_BATCH_PROGRAM_CACHE="off")
     assert off["loaded"] == 0 and off["lowered"] == off["programs"]
     assert off["tokens"] == first["tokens"]
+
+
+def test_programs_on_a_device_mesh_load_by_mesh_and_compute_the_same(tmp_path):
+    """Sharded programs are kept too, keyed by the mesh's shape and devices and the shardings:
+    a later process on the same mesh loads every one; another mesh shape compiles its own."""
+    cache = tmp_path / "jax"
+    first, _ = _run(cache, mesh="2x2")
+    assert first["programs"] >= 2 and first["lowered"] == first["programs"]
+    assert first["loaded"] == 0 and len(_entries(cache)) == first["programs"]
+    again, _ = _run(cache, mesh="2x2")
+    assert again["lowered"] == 0 and again["loaded"] == first["programs"]
+    assert again["tokens"] == first["tokens"]
+    other, _ = _run(cache, mesh="1x4")
+    assert other["loaded"] == 0 and other["lowered"] == other["programs"]
+    assert other["tokens"] == first["tokens"]
+    assert len(_entries(cache)) == first["programs"] + other["programs"]
 
 
 def test_the_embedded_models_quantized_decode_loads_and_matches(tmp_path):
