@@ -22,7 +22,7 @@ import concurrent.futures
 import heapq
 import dataclasses
 import threading
-import time
+from time import monotonic as _now  # the engine thread's clock (tests replace it)
 from typing import Any, Callable, Sequence
 
 import jax
@@ -319,10 +319,11 @@ class StreamEngine:
     `close` stops the thread and fails the rows not done. `call` runs other work on the engine
     (e.g. scoring) on the same thread, between decode calls.
 
-    `gather_s`: when rows arrive at an idle engine, it waits this long for more before placing
-    any, so batches submitted together (a Ray actor's concurrent batches) are placed as one set
-    (the longest budgets first, slots and cache shaped for all of them) rather than the first
-    batch alone and the rest into slots shaped for it.
+    `gather_s`: when rows arrive at an idle engine, it waits until this long after they came for
+    more before placing any, so batches submitted together (a Ray actor's concurrent batches)
+    are placed as one set (the longest budgets first, slots and cache shaped for all of them)
+    rather than the first batch alone and the rest into slots shaped for it. Time the engine's
+    thread spent on other work (a prefix prefilled ahead, `call`) counts towards it.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, poll_steps: int = 16,
@@ -331,6 +332,7 @@ class StreamEngine:
         self.gather_s = gather_s
         self._lock = threading.Condition()
         self._inbox: list[tuple[list[Request], list[concurrent.futures.Future]]] = []
+        self._first_in = 0.0  # _now() when the oldest waiting rows were submitted
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._closed = False
@@ -346,6 +348,8 @@ class StreamEngine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            if not self._inbox:
+                self._first_in = _now()
             self._inbox.append((list(requests), futures))
             self._lock.notify()
         return futures
@@ -393,8 +397,8 @@ class StreamEngine:
                    and not self._closed):
                 self._lock.wait()
             if self._inbox and self.stream.idle and self.gather_s > 0:
-                deadline = time.monotonic() + self.gather_s
-                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                deadline = self._first_in + self.gather_s  # spent already if the thread was busy
+                while not self._closed and (left := deadline - _now()) > 0:
                     self._lock.wait(left)
             inbox, self._inbox = self._inbox, []
             calls, self._calls = self._calls, []

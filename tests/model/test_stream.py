@@ -151,6 +151,34 @@ def test_idle_stream_engine_places_batches_submitted_together_as_one_set():
     assert se.stream.stats.resizes == 0
 
 
+def test_rows_that_waited_for_a_busy_engine_thread_are_not_held_to_gather_more(monkeypatch):
+    """The gathering window runs from when rows came: rows submitted while the engine's thread
+    was busy (a prefix prefilled ahead, a `call`) for longer than `gather_s` are placed as soon
+    as it is free. A fake clock: the old rule (a window from when the thread looked) would hold
+    these rows for an hour."""
+    from model.engine import stream as stream_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(stream_mod, "_now", lambda: clock[0])
+    engine = engine_of("tiny-gemma3")
+    reqs = corpus(4, seed=9)
+    want = reference(engine, reqs)
+    se = StreamEngine(engine, None, max_batch=4, gather_s=3600.0)
+    started, gate = threading.Event(), threading.Event()
+    try:
+        busy = se.call(lambda: (started.set(), gate.wait(120)))
+        assert started.wait(120)
+        futures = se.submit(reqs)  # at 1000 s, while the thread is busy
+        clock[0] += 3601.0  # ...and the window has passed by the time it is free
+        gate.set()
+        busy.result(timeout=120)
+        got = [f.result(timeout=300) for f in futures]
+        assert [g.tokens for g in got] == [g.tokens for g in want]
+    finally:
+        gate.set()
+        se.close()
+
+
 def test_a_first_wave_compiles_the_programs_the_progress_line_expects():
     # The driver shows "k of about N programs compiled" for an actor's first batch: rows that
     # share a frame and get their slots at once compile the frame's prefill, the rows' packed
