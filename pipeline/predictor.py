@@ -371,37 +371,25 @@ class ClosedPredictor(Predictor):
 
 class StreamingPredictor(Predictor):
     """Ray Data callable class, batching: stream: concurrent batches into one `StreamEngine`
-    (started with the actor, which prefills the prompt frame before the first batch comes);
-    each returns when its own rows are done."""
+    (started on the first batch); each returns when its own rows are done."""
 
     _engine: Any = None
     _stop_watch: Any = None
 
-    def __init__(self, settings: GenSettings):
-        super().__init__(settings)
-        # The prompt frame every row starts with, prefilled while the first batch is on its
-        # way (the 270M demo's frame: its program loaded and first run, ~1 s).
-        self._stream_engine().prefill_prefix(self.builder.common_start)
-
-    def _stream_engine(self) -> Any:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        work = self._start(batch)
+        todo = [i for i, r in enumerate(work.requests) if r is not None]
         if self._engine is None:
             from model.engine import StreamEngine
 
+            self._stop_watch = self._watch_first_compiles(
+                [len(work.requests[i].prompt) for i in todo], stream=True)
             tok = self.model.tokenizer
             self._engine = StreamEngine(
                 self.model.engine, tok, max_batch=max(1, min(self.s.slots,
                                                              self.model.engine.buckets.max_batch)),
                 stop_token_ids=tuple(tok.stop_ids), stop_strings=tuple(self.stop or ()),
                 **self.gen_kw)
-        return self._engine
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        work = self._start(batch)
-        todo = [i for i, r in enumerate(work.requests) if r is not None]
-        if self._calls == 0:
-            self._stop_watch = self._watch_first_compiles(
-                [len(work.requests[i].prompt) for i in todo], stream=True)
-        self._stream_engine()
         await asyncio.gather(self._run(work, todo, retry=True),
                              self._run_long(work, self._submit_all))
         if self._choice_ids is not None:  # on the engine's thread, between its decode calls

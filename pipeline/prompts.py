@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Literal, Sequence
 
@@ -229,14 +228,6 @@ class PromptBuilder:
         for e in encoded:
             ids.extend(e)
         return Prompt(ids, truncated=truncated)
-
-    @functools.cached_property
-    def common_start(self) -> tuple[int, ...]:
-        """The tokens every prompt of this builder starts with: BOS and the task's frame up to
-        the row's own text (the common start of prompts around two different placeholders);
-        () when either cannot be built."""
-        a, b = (self.build(x, x, x).ids for x in ("a", "b"))
-        return tuple(os.path.commonprefix([a, b])) if a and b else ()
 
     @functools.cached_property
     def frame_tokens(self) -> int:

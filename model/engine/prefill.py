@@ -21,7 +21,6 @@ from model.engine.programs import (NO_SLOT, ROW_PAD, Engine, NewRows, RowSetting
                                    settings_arrays)
 
 ROW_PAD_SETTINGS = RowSettings(*ROW_PAD)
-MIN_PREFIX = 16  # tokens: a shorter shared prefix is not worth a call of its own
 
 
 @dataclasses.dataclass
@@ -48,7 +47,7 @@ def prefill_rows(engine: Engine, state: State, slots: Slots, placed: list[tuple[
     for s, r in placed:
         by_prefix.setdefault(r.prefix, []).append((s, r))
     for pfx, items in by_prefix.items():
-        pre, pre_len = prefix_state(engine, pfx)
+        pre, pre_len = _prefix_state(engine, pfx)
         plen = len(pfx)
         heads = [(s, r, r.prompt[plen:-1][: bk.span_max]) for s, r in items]
         if count:
@@ -119,7 +118,7 @@ def _prefill_chunks(engine: Engine, state: State, slots: Slots, rows: list[tuple
     return state, slots
 
 
-def prefix_state(engine: Engine, prefix: tuple[int, ...]) -> tuple[State, int]:
+def _prefix_state(engine: Engine, prefix: tuple[int, ...]) -> tuple[State, int]:
     """(the 1-row state after `prefix`, its cache length Lp): empty for (), else prefilled once
     at the smallest length bucket that holds it (every row that starts from it has L >= Lp) and
     kept in `engine.prefixes` (least recently used dropped past `engine.max_prefixes` states or
@@ -147,7 +146,7 @@ def _bytes(prefixes: dict) -> int:
 
 
 def assign_prefixes(rows: list[Row], cached: Sequence[tuple[int, ...]] = (),
-                    min_len: int = MIN_PREFIX, merge_within: int = 64) -> None:
+                    min_len: int = 16, merge_within: int = 64) -> None:
     """Gives each row the shared prefix it starts from (`Row.prefix`), in place.
 
     A row's prefix is the longest token prefix it shares with another row of the call (all but

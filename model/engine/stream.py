@@ -31,8 +31,7 @@ import numpy as np
 from model.engine import sampling
 from model.engine.buckets import DecodeStats, enable_compile_cache
 from model.engine.constrain import Automaton, Format, compile_format
-from model.engine.prefill import (MIN_PREFIX, Row, assign_prefixes, prefill_rows,
-                                  prefix_state)
+from model.engine.prefill import Row, assign_prefixes, prefill_rows
 from model.engine.programs import Engine, RowSettings
 from model.engine.results import (Generation, decode_text, finish, first_stop, stop_string_tokens,
                                   stop_table)
@@ -364,23 +363,6 @@ class StreamEngine:
             self._calls.append((fn, fut))
             self._lock.notify()
         return fut
-
-    def prefill_prefix(self, tokens: Sequence[int]) -> concurrent.futures.Future:
-        """Prefills a token prefix that rows will start with (a job's prompt frame, known before
-        its rows arrive) on the engine's thread, ahead of the rows submitted after this call:
-        rows that start with it then reuse its state (`assign_prefixes`) instead of waiting for
-        it. Nothing is computed when prefix reuse is off, the prefix is already kept, or it is
-        under `MIN_PREFIX` tokens (not worth a call)."""
-        prefix = tuple(int(t) for t in tokens)
-        vocab = self.stream.engine.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prefix):
-            raise ValueError(f"prefix token ids must be in [0, {vocab})")
-
-        def run() -> None:
-            if self.stream.reuse_prefixes and len(prefix) >= MIN_PREFIX:
-                prefix_state(self.stream.engine, prefix)
-
-        return self.call(run)
 
     def close(self) -> None:
         with self._lock:

@@ -90,41 +90,6 @@ def test_questions_on_one_passage_share_its_prefix():
     assert [g.tokens for g in c] == [g.tokens for g in a]
 
 
-def test_a_frame_prefilled_ahead_is_what_the_rows_start_from():
-    """StreamEngine.prefill_prefix (an actor's prompt frame, before its first batch): the rows
-    submitted after it reuse it, nothing else is prefilled for them, and their outputs are
-    those of full prefill; a prefix under MIN_PREFIX tokens is not computed."""
-    from model.engine import StreamEngine
-    from model.engine.prefill import MIN_PREFIX
-    from model.engine.stream import Request
-
-    eng = engine("tiny-gemma2")
-    eng.prefixes.clear()
-    frame, prompts = corpus(7, 40, [12, 30, 5, 70])
-    prompts[1] = frame + prompts[0][len(frame):len(frame) + 3] + [9, 9, 9]  # shares 3 more
-    se = StreamEngine(eng, None, max_batch=4)
-    try:
-        se.prefill_prefix(frame[:MIN_PREFIX - 1]).result(timeout=300)
-        assert not eng.prefixes
-        before = dict(eng.stats.as_dict())
-        se.prefill_prefix(frame).result(timeout=300)
-        assert tuple(frame) in eng.prefixes
-        assert eng.stats.prefixes_computed - before["prefixes_computed"] == 1
-        futures = se.submit([Request(p, max_new_tokens=8) for p in prompts])
-        got = [f.result(timeout=300) for f in futures]
-        st = eng.stats.as_dict()
-        assert st["prefixes_computed"] - before["prefixes_computed"] == 1
-        assert st["prefix_rows"] - before["prefix_rows"] == 4
-        assert st["prefix_tokens"] - before["prefix_tokens"] == 4 * len(frame)
-        with pytest.raises(ValueError, match="prefix token ids"):
-            se.prefill_prefix([2, 10_000] * 10)
-    finally:
-        se.close()
-    full = generate(eng, prompts, None, reuse_prefixes=False, max_new_tokens=8, max_batch=4,
-                    stop_token_ids=[])
-    assert [g.tokens for g in got] == [g.tokens for g in full]
-
-
 def test_prefix_assignment_rules():
     frame = list(range(10, 40))  # 30 tokens
     rows = [Row(i, p, None) for i, p in enumerate(

@@ -57,27 +57,6 @@ def test_user_text_tokenized_as_in_one_string(sp_tok):
         assert p.ids[1:] == whole, doc
 
 
-@pytest.mark.parametrize("task,fmt", [("summarize", "completion"), ("summarize", "chat"),
-                                      ("extract", "completion"), ("answer", "completion")])
-def test_common_start_is_what_every_prompt_starts_with(sp_tok, task, fmt):
-    """The frame an actor prefills before its rows come: BOS and the template up to the row's
-    own text, whatever that text begins with."""
-    b = _b(sp_tok, task=task, fmt=fmt)
-    start = b.common_start
-    docs = ["The bridge opened.", "a", "Text: b", "\nSummary: c", "東京は日本の首都", "  x  "]
-    prompts = [b.build(d, "Who?" if task == "answer" else None).ids for d in docs]
-    assert len(start) > 5 and start[0] == sp_tok.bos_id
-    if (task, fmt) == ("summarize", "completion"):  # the few-shot frame: ~135 tokens
-        assert len(start) > 100
-    for ids in prompts:
-        assert tuple(ids[:len(start)]) == start
-    # Nothing past the template: two documents' prompts part right after it.
-    assert any(ids[len(start)] != prompts[0][len(start)] for ids in prompts[1:])
-    text = sp_tok.decode(list(start))
-    assert text.endswith({"summarize": "Text:", "extract": "Text:", "answer": "Context:"}[task]
-                         if fmt == "completion" else "\n")
-
-
 def test_raw_completion_is_the_text_itself():
     tok = ByteTokenizer()
     p = _b(tok, task="raw").build("abc")
