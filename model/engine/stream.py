@@ -322,7 +322,7 @@ class StreamEngine:
     more before placing any, so batches submitted together (a Ray actor's concurrent batches)
     are placed as one set (the longest budgets first, slots and cache shaped for all of them)
     rather than the first batch alone and the rest into slots shaped for it. Time the engine's
-    thread spent on other work (a prefix prefilled ahead, `call`) counts towards it.
+    thread spent on other work (a `call`, e.g. scoring) counts towards it.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, poll_steps: int = 16,

@@ -153,9 +153,8 @@ def test_idle_stream_engine_places_batches_submitted_together_as_one_set():
 
 def test_rows_that_waited_for_a_busy_engine_thread_are_not_held_to_gather_more(monkeypatch):
     """The gathering window runs from when rows came: rows submitted while the engine's thread
-    was busy (a prefix prefilled ahead, a `call`) for longer than `gather_s` are placed as soon
-    as it is free. A fake clock: the old rule (a window from when the thread looked) would hold
-    these rows for an hour."""
+    was busy (a `call`) for longer than `gather_s` are placed as soon as it is free. A fake
+    clock: the old rule (a window from when the thread looked) would hold these rows an hour."""
     from model.engine import stream as stream_mod
 
     clock = [1000.0]
