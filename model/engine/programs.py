@@ -330,8 +330,8 @@ class Engine:
             return saved.load_or_compile(key[0], parts, args, lambda name: jax.jit(
                 saved.named(fn, name), donate_argnums=donate).lower(*args))
         in_sh, out_sh = shardings()
-        placed = (sharding.mesh_dict(self.mesh), self.mesh.axis_names,
-                  self.mesh.device_ids.tolist(), repr(in_sh), repr(out_sh))
+        # The nested device ids carry the mesh's shape; the names say which axis is which.
+        placed = (self.mesh.axis_names, self.mesh.device_ids.tolist(), repr(in_sh), repr(out_sh))
         return saved.load_or_compile(key[0], (*parts, placed), args, lambda name: jax.jit(
             saved.named(fn, name), donate_argnums=donate, in_shardings=in_sh,
             out_shardings=out_sh).lower(*args))
