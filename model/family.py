@@ -42,6 +42,10 @@ class Family(Protocol):
         -> (logits float32 [B, T, V], or [V, B] with `vocab_major` and T = 1, from `head`'s
         bf16 halves when given (`layers.split_head`); new state)."""
 
+    # Optional (model.transformer has them): `greedy_next(params, tokens, positions, state, cfg,
+    # head) -> (int32 [B] next tokens, new state)`, a decode step straight to the greedy tokens,
+    # and `greedy_head(cfg, head, b) -> bool`, where it applies (see Engine.greedy_applies).
+
     def forward_packed(self, params: Params, pack: Any, state: State, prefix: State,
                        prefix_len: int, span: int, cfg: Any) -> tuple[jax.Array, State]:
         """Packed prefill (model/packed.py): N tokens of several rows, each segment continuing

@@ -294,12 +294,48 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
     Returns:
       (logits [B, T, V] float32, updated state or None).
     """
-    quant = None
-    if isinstance(head, DecodeWeights):
-        b, t = tokens.shape
-        quant, head = (head if t == 1 and b <= QUANT_MAX_ROWS else None), None
-        if quant is not None:  # free slots (position -1) are not computed
-            quant = quant.for_rows(positions[:, 0] >= 0)
+    quant = _step_weights(tokens, positions, head)
+    x, new_state = _decoder(params, tokens, positions, state, cfg, quant)
+    if quant is not None and quant.embed is not None:
+        logits = quant.embed.dot(x[:, 0], vocab_major)  # [V, B] or [B, V]
+        logits = softcap(logits if vocab_major else logits[:, None], cfg.final_softcap)
+    else:
+        logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major,
+                         None if isinstance(head, DecodeWeights) else head)
+    return logits, new_state
+
+
+def greedy_next(params: Params, tokens: Array, positions: Array, state: KVState,
+                cfg: GemmaConfig, head: DecodeWeights) -> tuple[Array, KVState]:
+    """One decode step (tokens / positions [B, 1]) straight to each row's greedy next token,
+    int32 [B]: the first index of the maximum of the logits `forward(..., head=head)` gives,
+    found by the head's `ArgmaxTiles` (`head.argmax`) without computing them all. Needs
+    `greedy_head(cfg, head)`; rows at position -1 give 0."""
+    quant = _step_weights(tokens, positions, head)
+    x, new_state = _decoder(params, tokens, positions, state, cfg, quant)
+    return head.argmax.next_token(quant.embed, x[:, 0]), new_state
+
+
+def greedy_head(cfg: GemmaConfig, head: Any, b: int) -> bool:
+    """Whether `greedy_next` can run B rows with `head` (once given its tiles, `with_argmax`):
+    a quantized tied head that serves B rows, and no final soft-cap (its tanh can round
+    distinct logits to a tie that the raw logits do not have)."""
+    return (isinstance(head, DecodeWeights) and head.embed is not None
+            and b <= QUANT_MAX_ROWS and cfg.final_softcap is None)
+
+
+def _step_weights(tokens: Array, positions: Array, head: Any) -> DecodeWeights | None:
+    """`head`'s quantized matrices for this call when it is a decode step they serve (one token
+    for up to QUANT_MAX_ROWS rows), limited to the rows at a position (free slots: skipped)."""
+    b, t = tokens.shape
+    if not isinstance(head, DecodeWeights) or t != 1 or b > QUANT_MAX_ROWS:
+        return None
+    return head.for_rows(positions[:, 0] >= 0)
+
+
+def _decoder(params: Params, tokens: Array, positions: Array, state: KVState | None,
+             cfg: GemmaConfig, quant: DecodeWeights | None) -> tuple[Array, KVState | None]:
+    """The layers and the final norm: (x [B, T, D], updated state or None)."""
     dtype = params["embed"].dtype
     x = params["embed"][tokens]  # [B, T, D]
     x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
@@ -328,19 +364,14 @@ def forward(params: Params, tokens: Array, positions: Array, state: KVState | No
             new_v.append(kv[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    if quant is not None and quant.embed is not None:
-        logits = quant.embed.dot(x[:, 0], vocab_major)  # [V, B] or [B, V]
-        logits = softcap(logits if vocab_major else logits[:, None], cfg.final_softcap)
-    else:
-        logits = unembed(x, params["embed"], cfg.final_softcap, vocab_major, head)
     if state is None:
-        return logits, None
+        return x, None
     new_state = KVState(
         k=tuple(new_k), v=tuple(new_v),
         pos_global=scatter_slots(pos_g, slots_g, positions),
         pos_local=scatter_slots(pos_l, slots_l, positions),
     )
-    return logits, new_state
+    return x, new_state
 
 
 def _scatter_rows_last(cache: Array, rows: Array, slots: Array, values: Array) -> Array:

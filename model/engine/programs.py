@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
@@ -157,7 +158,8 @@ def vocab_major_head(b: int) -> bool:
 
 def decode_program(family: Family, cfg: ModelConfig,
                    constrain: Callable[[State], State] = _keep,
-                   formatted: bool = False, logprobs: bool = False) -> Callable:
+                   formatted: bool = False, logprobs: bool = False,
+                   greedy: bool = False) -> Callable:
     """(params, state, slots, stop ids [S], max_steps, min_free, token_class [V], next_sc
     [S', C], head: `rows.decode_head` or None) -> (state, slots, steps, busy).
 
@@ -167,8 +169,12 @@ def decode_program(family: Family, cfg: ModelConfig,
     the loop (a sharding constraint on a mesh; identity otherwise). `formatted` (static): each
     row's logits are masked to its automaton state's tokens, and its state follows the token
     picked (constrain.py's tables; unread otherwise). `logprobs` (static): each token's
-    log-probability under the raw logits goes to `slots.logp`.
+    log-probability under the raw logits goes to `slots.logp`. `greedy` (static; every row is
+    greedy, neither `formatted` nor `logprobs`): each step takes `family.greedy_next`, the
+    same tokens without all the logits (`head` carries its tiles: `Engine.greedy_head`).
     """
+    if greedy and (formatted or logprobs):
+        raise ValueError("a greedy decode program has no format and no log-probabilities")
 
     def decode(params: Params, state: State, slots: Slots, stop_ids_s: Array, max_steps: Array,
                min_free: Array, token_class_v: Array, next_sc: Array, head: Any
@@ -187,15 +193,19 @@ def decode_program(family: Family, cfg: ModelConfig,
             step, busy, st, sl = carry
             act_b, rs = sl.active, sl.settings
             positions_b1 = jnp.where(act_b, sl.pos, -1)[:, None]
-            logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st, cfg,
-                                        vocab_major, head)
-            keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
-            logits = raw = logits if vocab_major else logits[:, 0]
-            if formatted:
-                logits, next_bc = mask_to_format(logits, vocab_major, sl.fsm, token_class_v,
-                                                 next_sc)
-            nxt_b = sampling.sample_rows(logits, keys_b2, rs.temperature, rs.top_k, rs.top_p,
-                                         vocab_major)
+            if greedy:
+                nxt_b, st = family.greedy_next(params, sl.last_token[:, None], positions_b1, st,
+                                               cfg, head)
+            else:
+                logits, st = family.forward(params, sl.last_token[:, None], positions_b1, st,
+                                            cfg, vocab_major, head)
+                keys_b2 = sampling.row_keys(rs.seed, rs.row_id, sl.n_out)
+                logits = raw = logits if vocab_major else logits[:, 0]
+                if formatted:
+                    logits, next_bc = mask_to_format(logits, vocab_major, sl.fsm,
+                                                     token_class_v, next_sc)
+                nxt_b = sampling.sample_rows(logits, keys_b2, rs.temperature, rs.top_k,
+                                             rs.top_p, vocab_major)
             fsm_b = advance(next_bc, token_class_v, nxt_b, act_b, sl.fsm) if formatted else sl.fsm
             write_b = jnp.where(act_b, sl.n_out, out_len)  # out of range: dropped
             out = sl.out.at[rows_b, write_b].set(nxt_b, mode="drop")
@@ -275,6 +285,20 @@ class Engine:
     def head(self) -> Any:
         """`decode_head(params)`, made at the first decode (a scoring-only engine never has it)."""
         return decode_head(self.params, self.mesh, codes=self.codes)
+
+    @functools.cached_property
+    def greedy_head(self) -> Any:
+        """`head` with its `ArgmaxTiles` (`family.greedy_next`'s), made at the first decode call
+        that takes it (see `greedy_applies`)."""
+        return self.head.with_argmax()
+
+    def greedy_applies(self, b: int) -> bool:
+        """Whether a decode call of B slots whose every row is greedy takes `greedy_head`: the
+        family has `greedy_next` and it applies to this config, head and B (the 270M: a
+        quantized tied head, no final soft-cap), and $GEMMA_BATCH_GREEDY_HEAD is not off."""
+        applies = getattr(self.family, "greedy_head", None)
+        return (applies is not None and applies(self.cfg, self.head, b)
+                and os.environ.get("GEMMA_BATCH_GREEDY_HEAD", "on").lower() not in ("off", "0"))
 
     def prefetch_codes(self) -> None:
         """Reads the checkpoint's quantized codes that `head` will place (host arrays, no
@@ -408,16 +432,21 @@ class Engine:
 
     def decode(self, state: State, slots: Slots, stop_ids: np.ndarray, max_steps: int,
                min_free: int, length: int, tables: tuple[Array, Array] | None = None,
-               logprobs: bool = False) -> tuple[State, Slots, Array, Array]:
+               logprobs: bool = False, greedy: bool = False
+               ) -> tuple[State, Slots, Array, Array]:
         """Runs the decode loop (see `decode_program`) over a state of cache length L;
         `tables`: an output format's (token_class [V], next_sc [S, C]) (`format_tables`);
-        `logprobs`: record each token's log-probability in `slots.logp`."""
+        `logprobs`: record each token's log-probability in `slots.logp`; `greedy`: every row
+        the call runs is greedy (then, with neither of those, the steps take `greedy_head`
+        where it applies: the same tokens)."""
         b, o = slots.out.shape
         formatted = tables is not None
+        greedy = greedy and not formatted and not logprobs and self.greedy_applies(b)
         tables = tables or (self._put(np.zeros((1,), np.int32)),
                             self._put(np.zeros((1, 1), np.int32)))
         args = (self.params, state, slots, self._put(stop_ids),
-                self._put(np.int32(max_steps)), self._put(np.int32(min_free)), *tables, self.head)
+                self._put(np.int32(max_steps)), self._put(np.int32(min_free)), *tables,
+                self.greedy_head if greedy else self.head)
         shape = tuple(tables[1].shape) if formatted else None
 
         def shardings() -> tuple[Any, Any]:
@@ -425,14 +454,15 @@ class Engine:
             rep = sharding.replicated(self.mesh)
             return (self._param_sh, st, sl, rep, rep, rep, rep, rep, rep), (st, sl, rep, rep)
 
-        key = ("decode", b, length, o, len(stop_ids), shape, logprobs)
+        key = ("decode", b, length, o, len(stop_ids), shape, logprobs) + (
+            ("greedy",) if greedy else ())
         fn = self.compile_log.get(
             key, "decode",
             f"B={b} L={length} S={len(stop_ids)}" + (f" format={shape}" if formatted else "")
-            + (" logprobs" if logprobs else ""),
+            + (" logprobs" if logprobs else "") + (" greedy" if greedy else ""),
             lambda: self._compile(key, decode_program(self.family, self.cfg,
                                                       self._constrain(b, length), formatted,
-                                                      logprobs),
+                                                      logprobs, greedy),
                                   (1, 2), args, shardings))
         return fn(*args)
 

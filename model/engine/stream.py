@@ -217,9 +217,10 @@ class Stream:
             max_steps = self.stop_check_every
         if not waiting and self.poll_steps:
             max_steps = min(max_steps, self.poll_steps)
+        greedy = all(r.settings.temperature <= 0 for r in lane.rows if r is not None)
         lane.state, lane.slots, steps, busy = self.engine.decode(
             lane.state, lane.slots, table, max_steps, min_free, lane.length, self._tables,
-            self.logprobs)
+            self.logprobs, greedy)
         sl = lane.slots
         active, n_out, out, fsm, logp, steps, busy = jax.device_get(
             (sl.active, sl.n_out, sl.out, sl.fsm, sl.logp if self.logprobs else None, steps,

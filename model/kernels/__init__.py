@@ -2,8 +2,9 @@
 programs through XLA's FFI.
 
 `qmatmul` multiplies float32 activations by block-quantized int8 weights (qmatmul.cc), with
-AVX-512 where the CPU has it; `decode_attention` is one decode step's attention core
-(attention.cc). The shared library of both is compiled once per source/jaxlib/flags into the
+AVX-512 where the CPU has it; `qargmax` gives greedy decoding's next token from such a head
+without the full product (qargmax.cc: integer dot products and exact bounds, AVX-512 VNNI where
+the CPU has it); `decode_attention` is one decode step's attention core (attention.cc). The shared library of both is compiled once per source/jaxlib/flags into the
 gemma-batch cache
 (`kernels/`), atomically, so Ray workers on one machine share it. Where it cannot be used (not
 x86-64 with AVX2 and FMA, no compiler, a failed build) `available()` is False and `reason()` says
@@ -32,15 +33,20 @@ from model.paths import atomic_write, cache_dir
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "qmatmul.cc", _HERE / "attention.cc"]
-_HEADERS = [_HERE / "parallel.h", _HERE / "simd.h"]
+_SOURCES = [_HERE / "qmatmul.cc", _HERE / "qargmax.cc", _HERE / "attention.cc"]
+_HEADERS = [_HERE / "parallel.h", _HERE / "qrows.h", _HERE / "simd.h"]
 # FFI target -> the handler symbol the library exports.
 _TARGETS = {"gemma_batch_qmatmul": "GemmaBatchQMatmul",
+            "gemma_batch_qargmax": "GemmaBatchQArgmax",
+            "gemma_batch_qargmax_tiles": "GemmaBatchQArgmaxTiles",
             "gemma_batch_decode_attention": "GemmaBatchDecodeAttention"}
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
 # Added where the CPU has AVX-512F: qmatmul then takes 16 columns and up to 16 rows per pass (the
 # 270M's head for 24 rows, [24, 640] x [640, 262144]: 75-78 -> 50-54 ms on a 2-core Xeon).
 _AVX512 = ["-mavx512f"]
+# Added where the CPU also has AVX512-VNNI: qargmax's integer products take vpdpbusd (64 byte
+# products per instruction) instead of AVX2's vpmaddubsw.
+_VNNI = ["-mavx512vnni", "-mavx512bw"]
 _reason = ""
 
 
@@ -55,7 +61,8 @@ def flags() -> list[str]:
     """The compiler flags for this CPU ($GEMMA_BATCH_KERNEL_ISA=avx2 leaves AVX-512 out)."""
     wide = ("avx512f" in cpu_flags()
             and os.environ.get("GEMMA_BATCH_KERNEL_ISA", "").lower() != "avx2")
-    return _FLAGS + (_AVX512 if wide else [])
+    vnni = wide and {"avx512_vnni", "avx512bw"} <= cpu_flags()
+    return _FLAGS + (_AVX512 if wide else []) + (_VNNI if vnni else [])
 
 
 def _build() -> Path:
@@ -136,3 +143,34 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, key_pos: 
                             jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, keys, values, key_pos.astype(jnp.int32), query_pos.astype(jnp.int32),
                 window=np.int64(window or 0), cap=np.float32(cap or 0.0))
+
+
+def qargmax_tiles(q: jax.Array, so: jax.Array, group: int) -> tuple[jax.Array, ...]:
+    """A block-quantized head (q int8 [N, K], so float32 [N, K / group, 2], as `qmatmul`) laid
+    out for `qargmax`, T = ceil(N / 16) tiles of 16 rows: (codes + 128 uint8 [T, K * 16], each 4
+    columns of the 16 rows together; scale, offset and the bound's coefficient float32
+    [T, K / group, 16]; the tile's largest coefficient float32 [T, K / group]). Needs
+    `available()`."""
+    (n, k), groups = q.shape, q.shape[1] // group
+    t = -(-n // 16)
+    f32 = jnp.float32
+    shapes = (jax.ShapeDtypeStruct((t, k * 16), jnp.uint8),
+              *[jax.ShapeDtypeStruct((t, groups, 16), f32)] * 3,
+              jax.ShapeDtypeStruct((t, groups), f32))
+    return tuple(jax.ffi.ffi_call("gemma_batch_qargmax_tiles", shapes)(
+        q, so, group=np.int64(group)))
+
+
+def qargmax(x: jax.Array, tiles: tuple[jax.Array, ...], q: jax.Array, so: jax.Array, group: int,
+            offsets: bool = True, rows: jax.Array | None = None) -> jax.Array:
+    """int32 [M]: per row of x float32 [M, K], the first index of the maximum of
+    `qmatmul(x, q, so, group)` (the same float32 sums: the same token as `jnp.argmax` of them),
+    found from integer products over `tiles` (`qargmax_tiles(q, so, group)`) and exact scores
+    of the few tokens those cannot rule out. `offsets` False: every offset in `so` is zero (a
+    product is skipped). `rows` (bool [M], default all): the rows wanted; the others give 0.
+    Needs `available()`."""
+    m = x.shape[0]
+    rows = jnp.ones((m,), jnp.int32) if rows is None else rows.astype(jnp.int32)
+    call = jax.ffi.ffi_call("gemma_batch_qargmax", jax.ShapeDtypeStruct((m,), jnp.int32))
+    return call(x.astype(jnp.float32), *tiles, q, so, rows, group=np.int64(group),
+                offsets=np.int64(offsets))

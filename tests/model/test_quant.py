@@ -5,8 +5,13 @@ greedy tokens of the float32 program."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from model.checkpoints.gguf_codes import GGUFCodes, gguf_codes, read_codes
 from model.checkpoints.gguf_format import open_gguf
 from model.cpu import cpu_flags
 from model.embedded import embedded_gguf_path
+from model.engine import sampling
 from model.engine.rows import decode_head
 
 CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_flags()
@@ -92,6 +98,84 @@ def test_qmatmul_matches_float64(m, group):
         part = np.asarray(f(jnp.asarray(x), jnp.asarray(q), jnp.asarray(so), group=group,
                             vocab_major=vm, rows=jnp.asarray(rows)))
         np.testing.assert_array_equal(part.T if vm else part, np.where(rows[:, None], got, 0.0))
+
+
+def _argmax_case(rng: np.random.Generator, m: int, group: int, offsets: bool):
+    """A head of 1000 tokens (not a multiple of 16) with hard cases for `qargmax`: an exact
+    duplicate of the best token at a higher index and a near-duplicate (one code apart), rows
+    aimed at those, a row with one huge entry (coarse codes), a zero row, a NaN row."""
+    n, k = 1000, 640
+    q = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    so = np.stack([rng.uniform(1e-3, 2e-2, (n, k // group)),
+                   rng.uniform(-0.05, 0.05, (n, k // group)) if offsets
+                   else np.zeros((n, k // group))], -1).astype(np.float32)
+    q[41, 5] = 100
+    q[700], so[700] = q[41], so[41]  # a tie: the first index must win
+    q[702], so[702] = q[41], so[41]
+    q[702, 5] = 99  # one code apart, below 41 for the row aimed at it
+    w = (so[..., :1] * q.reshape(n, k // group, group) + so[..., 1:]).reshape(n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0] = w[41] * 40 + rng.standard_normal(k).astype(np.float32) * 0.01  # aimed at 41/700/702
+    if m > 1:
+        x[1] = 0.0
+    if m > 2:
+        x[2, 17] = 300.0  # one huge entry: its group's codes are coarse
+    if m > 3:
+        x[3, 9] = np.nan
+    return q, so, x
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 5, 24, 32])
+@pytest.mark.parametrize("group, offsets", [(32, False), (32, True), (16, True)])
+def test_qargmax_is_the_argmax_of_qmatmul(m, group, offsets):
+    assert kernels.available(), kernels.reason()
+    rng = np.random.default_rng(m * group + offsets)
+    q, so, x = _argmax_case(rng, m, group, offsets)
+    qj, soj = jnp.asarray(q), jnp.asarray(so)
+    tiles = jax.jit(kernels.qargmax_tiles, static_argnums=2)(qj, soj, group)
+    assert tiles[0].shape == (63, 640 * 16) and tiles[4].shape == (63, 640 // group)
+    rows = np.ones(m, bool)
+    rows[m // 2] = m == 1  # one row not wanted
+    logits = kernels.qmatmul(jnp.asarray(x), qj, soj, group)  # [M, N]
+    want = np.where(rows, np.asarray(sampling.argmax(logits)), 0)
+    got = np.asarray(kernels.qargmax(jnp.asarray(x), tiles, qj, soj, group, offsets,
+                                     jnp.asarray(rows)))
+    np.testing.assert_array_equal(got, want)
+    assert got[0] == 41  # the hard rows hit what they aim at
+    if m > 1:
+        assert got[1] == 0
+    if not offsets:  # "no offsets" only skips a product that adds zeros
+        np.testing.assert_array_equal(
+            np.asarray(kernels.qargmax(jnp.asarray(x), tiles, qj, soj, group, True,
+                                       jnp.asarray(rows))), want)
+
+
+@needs_kernel
+def test_qargmax_on_avx2_where_the_cpu_has_more(tmp_path):
+    # The AVX2 build (vpmaddubsw, 7-bit codes of x) is the one AVX2-only CPUs run; an AVX-512
+    # CPU builds it too when asked, in a process of its own.
+    if "avx512f" not in cpu_flags():
+        pytest.skip("this CPU runs the AVX2 build in the test above")
+    script = (
+        "import numpy as np, jax, jax.numpy as jnp, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from tests.model.test_quant import _argmax_case\n"
+        "from model import kernels\n"
+        "from model.engine import sampling\n"
+        "assert kernels.available() and '-mavx512f' not in kernels.flags()\n"
+        "for m, group, offsets in [(24, 32, False), (7, 16, True)]:\n"
+        "    q, so, x = _argmax_case(np.random.default_rng(m), m, group, offsets)\n"
+        "    q, so, xj = jnp.asarray(q), jnp.asarray(so), jnp.asarray(x)\n"
+        "    t = kernels.qargmax_tiles(q, so, group)\n"
+        "    want = np.asarray(sampling.argmax(kernels.qmatmul(xj, q, so, group)))\n"
+        "    got = np.asarray(kernels.qargmax(xj, t, q, so, group, offsets))\n"
+        "    assert (got == want).all(), (got, want)\n"
+        "print('ok')\n") % str(Path(__file__).parents[2])
+    env = {**os.environ, "GEMMA_BATCH_KERNEL_ISA": "avx2", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 @needs_kernel
@@ -233,6 +317,38 @@ def test_270m_decode_steps_on_codes_match_the_float32_program(embedded):
         np.testing.assert_array_equal(lq.argmax(0), l32.argmax(0))
         nxt, pos = jnp.asarray(l32.argmax(0), jnp.int32)[:, None], pos + 1
     assert worst < 1e-5, worst
+
+
+@needs_kernel
+def test_greedy_rows_take_the_argmax_head_with_the_same_tokens(embedded, monkeypatch):
+    m, _ = embedded
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time there",
+               "Water boils at a temperature of", "List three colours:"]
+
+    def run(**kw):
+        before = len(m.engine.compile_log.records)
+        out = [g.tokens for g in m.generate(prompts, max_new_tokens=12, **kw)]
+        return out, [r.shapes for r in m.engine.compile_log.records[before:]]
+
+    monkeypatch.setenv("GEMMA_BATCH_GREEDY_HEAD", "off")
+    m.engine.compile_log.clear()
+    off, shapes_off = run()
+    assert not any("greedy" in s for s in shapes_off)
+    monkeypatch.delenv("GEMMA_BATCH_GREEDY_HEAD")
+    m.engine.compile_log.clear()
+    on, shapes_on = run()
+    assert on == off and any("greedy" in s for s in shapes_on), shapes_on
+    assert isinstance(m.engine.greedy_head.argmax, quant.ArgmaxTiles)
+    # A sampled row in the call: the full logits, as before.
+    m.engine.compile_log.clear()
+    sampled, shapes = run(temperature=[0.0, 0.0, 0.7, 0.0, 0.0])
+    assert not any("greedy" in s for s in shapes)
+    assert [t for i, t in enumerate(sampled) if i != 2] == [t for i, t in enumerate(on) if i != 2]
+    # A soft-capped head (Gemma 2) keeps the logits: tanh may round two of them to a tie.
+    assert tr.greedy_head(m.config, m.engine.head, 8)
+    capped = dataclasses.replace(m.config, final_softcap=30.0)
+    assert not tr.greedy_head(capped, m.engine.head, 8)
+    assert not tr.greedy_head(m.config, m.engine.head, tr.QUANT_MAX_ROWS + 1)
 
 
 def test_codes_read_ahead_are_handed_over_once():
