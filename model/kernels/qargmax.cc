@@ -41,7 +41,7 @@ constexpr int kPassRows = 24;  // rows of x per pass: their int32 accumulators s
 #else
 // Codes of x in [-63, 63]: vpmaddubsw's pair sums (at most 255 * 63 * 2) stay within int16.
 constexpr int kQMax = 63;
-constexpr int kPassRows = 12;
+constexpr int kPassRows = 12;  // 8 or 13: within noise on a Xeon's AVX2 build
 #endif
 
 // One pass's rows of x, quantized: codes [rows, K], and per row and group (row stride GS): the
@@ -59,8 +59,8 @@ template <int MB>
 void TileScores(const uint8_t* wt, const float* sc, const float* off, bool offsets,
                 const Quantized& x, int64_t K, int64_t G, float* a) {
   const int64_t groups = K / G;
-  __m512 fa[MB];
-  for (int m = 0; m < MB; ++m) fa[m] = _mm512_setzero_ps();
+  // The float sums live in `a` (L1): in registers beside MB int32 accumulators they spilled.
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(a + m * kTile, _mm512_setzero_ps());
   for (int64_t g = 0; g < groups; ++g) {
     __m512i acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_set1_epi32(x.corr[m * groups + g]);
@@ -73,17 +73,15 @@ void TileScores(const uint8_t* wt, const float* sc, const float* off, bool offse
       }
     }
     const __m512 s = _mm512_loadu_ps(sc + g * kTile);
+    const __m512 o = offsets ? _mm512_loadu_ps(off + g * kTile) : _mm512_setzero_ps();
     for (int m = 0; m < MB; ++m) {
-      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(x.s[m * groups + g]));
-      fa[m] = _mm512_fmadd_ps(d, s, fa[m]);
-    }
-    if (offsets) {
-      const __m512 o = _mm512_loadu_ps(off + g * kTile);
-      for (int m = 0; m < MB; ++m)
-        fa[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(x.xsum[m * groups + g]), fa[m]);
+      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]),
+                                     _mm512_set1_ps(x.s[m * groups + g]));
+      __m512 f = _mm512_fmadd_ps(d, s, _mm512_loadu_ps(a + m * kTile));
+      if (offsets) f = _mm512_fmadd_ps(o, _mm512_set1_ps(x.xsum[m * groups + g]), f);
+      _mm512_storeu_ps(a + m * kTile, f);
     }
   }
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(a + m * kTile, fa[m]);
 }
 #else
 template <int MB>
@@ -92,8 +90,8 @@ void TileScores(const uint8_t* wt, const float* sc, const float* off, bool offse
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int half = 0; half < 2; ++half) {  // vocabulary rows 0-7, then 8-15
-    __m256 fa[MB];
-    for (int m = 0; m < MB; ++m) fa[m] = _mm256_setzero_ps();
+    float* ah = a + half * 8;  // the float sums, in L1 (16 registers hold the int32 ones)
+    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(ah + m * kTile, _mm256_setzero_ps());
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[MB];
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_set1_epi32(x.corr[m * groups + g]);
@@ -108,18 +106,16 @@ void TileScores(const uint8_t* wt, const float* sc, const float* off, bool offse
         }
       }
       const __m256 s = _mm256_loadu_ps(sc + g * kTile + half * 8);
+      const __m256 o = offsets ? _mm256_loadu_ps(off + g * kTile + half * 8)
+                               : _mm256_setzero_ps();
       for (int m = 0; m < MB; ++m) {
         const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m]),
                                        _mm256_set1_ps(x.s[m * groups + g]));
-        fa[m] = _mm256_fmadd_ps(d, s, fa[m]);
-      }
-      if (offsets) {
-        const __m256 o = _mm256_loadu_ps(off + g * kTile + half * 8);
-        for (int m = 0; m < MB; ++m)
-          fa[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(x.xsum[m * groups + g]), fa[m]);
+        __m256 f = _mm256_fmadd_ps(d, s, _mm256_loadu_ps(ah + m * kTile));
+        if (offsets) f = _mm256_fmadd_ps(o, _mm256_set1_ps(x.xsum[m * groups + g]), f);
+        _mm256_storeu_ps(ah + m * kTile, f);
       }
     }
-    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(a + m * kTile + half * 8, fa[m]);
   }
 }
 #endif
