@@ -310,7 +310,7 @@ def greedy_next(params: Params, tokens: Array, positions: Array, state: KVState,
     """One decode step (tokens / positions [B, 1]) straight to each row's greedy next token,
     int32 [B]: the first index of the maximum of the logits `forward(..., head=head)` gives,
     found by the head's `ArgmaxTiles` (`head.argmax`) without computing them all. Needs
-    `greedy_head(cfg, head)`; rows at position -1 give 0."""
+    `greedy_head(cfg, head, B)`; rows at position -1 give 0."""
     quant = _step_weights(tokens, positions, head)
     x, new_state = _decoder(params, tokens, positions, state, cfg, quant)
     return head.argmax.next_token(quant.embed, x[:, 0]), new_state
