@@ -4,9 +4,9 @@ programs through XLA's FFI.
 `qmatmul` multiplies float32 activations by block-quantized int8 weights (qmatmul.cc), with
 AVX-512 where the CPU has it; `qargmax` gives greedy decoding's next token from such a head
 without the full product (qargmax.cc: integer dot products and exact bounds, AVX-512 VNNI where
-the CPU has it); `decode_attention` is one decode step's attention core (attention.cc). The shared library of both is compiled once per source/jaxlib/flags into the
-gemma-batch cache
-(`kernels/`), atomically, so Ray workers on one machine share it. Where it cannot be used (not
+the CPU has it); `decode_attention` is one decode step's attention core (attention.cc). Their
+shared library is compiled once per source/jaxlib/flags into the gemma-batch cache (`kernels/`),
+atomically, so Ray workers on one machine share it. Where it cannot be used (not
 x86-64 with AVX2 and FMA, no compiler, a failed build) `available()` is False and `reason()` says
 why; callers then keep their float32 path.
 """
@@ -117,6 +117,11 @@ def reason() -> str:
     return _reason
 
 
+def _wanted(m: int, rows: jax.Array | None) -> jax.Array:
+    """The kernels' `rows` argument: int32 [M], nonzero for a wanted row (None: all)."""
+    return jnp.ones((m,), jnp.int32) if rows is None else rows.astype(jnp.int32)
+
+
 def qmatmul(x: jax.Array, q: jax.Array, so: jax.Array, group: int,
             vocab_major: bool = False, rows: jax.Array | None = None) -> jax.Array:
     """x float32 [M, K] . W^T with W[n, k] = so[n, k // group, 0] * q[n, k] + so[n, k // group, 1]
@@ -126,7 +131,7 @@ def qmatmul(x: jax.Array, q: jax.Array, so: jax.Array, group: int,
     `available()`."""
     m, n = x.shape[0], q.shape[0]
     shape = (n, m) if vocab_major else (m, n)
-    rows = jnp.ones((m,), jnp.int32) if rows is None else rows.astype(jnp.int32)
+    rows = _wanted(m, rows)
     call = jax.ffi.ffi_call("gemma_batch_qmatmul", jax.ShapeDtypeStruct(shape, jnp.float32))
     return call(x.astype(jnp.float32), q, so, rows, group=np.int64(group),
                 transposed=np.int64(vocab_major))
@@ -170,7 +175,7 @@ def qargmax(x: jax.Array, tiles: tuple[jax.Array, ...], q: jax.Array, so: jax.Ar
     product is skipped). `rows` (bool [M], default all): the rows wanted; the others give 0.
     Needs `available()`."""
     m = x.shape[0]
-    rows = jnp.ones((m,), jnp.int32) if rows is None else rows.astype(jnp.int32)
+    rows = _wanted(m, rows)
     call = jax.ffi.ffi_call("gemma_batch_qargmax", jax.ShapeDtypeStruct((m,), jnp.int32))
     return call(x.astype(jnp.float32), *tiles, q, so, rows, group=np.int64(group),
                 offsets=np.int64(offsets))

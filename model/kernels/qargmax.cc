@@ -144,7 +144,7 @@ struct Tiles {
 
 // Tiles [t0, t1) for the Mu used rows: appends the candidates (tile order, so n ascending per
 // row) to `out` and raises lo[i] to the best lower bound a[n] - b[n] seen.
-void Scan(const Tiles& w, const Quantized& x, const float* h /* [GS, Mp] */, int64_t Mp,
+void Scan(const Tiles& w, const Quantized& x, const float* h /* [GS, Mu] */,
           const uint8_t* bad, int64_t Mu, int64_t N, int64_t K, int64_t G, bool offsets,
           int64_t t0, int64_t t1, float* lo, std::vector<Candidate>& out) {
   const int64_t groups = K / G;
@@ -166,7 +166,7 @@ void Scan(const Tiles& w, const Quantized& x, const float* h /* [GS, Mp] */, int
       std::fill(loose, loose + mb, 0.0f);
       for (int64_t g = 0; g < groups; ++g) {
         const float tb = w.tile[t * groups + g];
-        const float* hg = h + g * Mp + i0;
+        const float* hg = h + g * Mu + i0;
         for (int j = 0; j < mb; ++j) loose[j] += tb * hg[j];
       }
       for (int j = 0; j < mb; ++j) {
@@ -178,7 +178,7 @@ void Scan(const Tiles& w, const Quantized& x, const float* h /* [GS, Mp] */, int
         if (amax + loose[j] < lo[i]) continue;  // no row of this tile can win
         std::fill(tight, tight + kTile, 0.0f);
         for (int64_t g = 0; g < groups; ++g) {
-          const float hg = h[g * Mp + i];
+          const float hg = h[g * Mu + i];
           for (int l = 0; l < kTile; ++l) tight[l] += bound[g * kTile + l] * hg;
         }
         for (int l = 0; l < valid; ++l)
@@ -223,10 +223,9 @@ ffi::Error QArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (Mu == 0) return ffi::Error::Success();
 
   // Quantize the used rows per group.
-  const int64_t Mp = (Mu + 15) / 16 * 16;
-  std::vector<int8_t> xq(Mu * K + 64);
+  std::vector<int8_t> xq(Mu * K);
   std::vector<int32_t> corr(Mu * groups);
-  std::vector<float> s(Mu * groups), xsum(Mu * groups), h(groups * Mp, 0.0f);
+  std::vector<float> s(Mu * groups), xsum(Mu * groups), h(groups * Mu);
   std::vector<uint8_t> bad(Mu, 0);
   const float slack = static_cast<float>(K) * 0x1p-21f;
   for (int64_t i = 0; i < Mu; ++i) {
@@ -250,7 +249,7 @@ ffi::Error QArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       corr[i * groups + g] = -128 * codes;
       s[i * groups + g] = step;
       xsum[i * groups + g] = sum;
-      h[g * Mp + i] = 0.5f * step + amax * slack;
+      h[g * Mu + i] = 0.5f * step + amax * slack;
     }
   }
   const Quantized xqz{xq.data(), corr.data(), s.data(), xsum.data()};
@@ -269,7 +268,7 @@ ffi::Error QArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     const float* hp = h.data();
     const uint8_t* bp = bad.data();
     gemma_batch::ParallelFor(pool, chunks, [=, &w, &xqz](int64_t c) {
-      Scan(w, xqz, hp, Mp, bp, Mu, N, K, G, offsets != 0, std::min(T, c * per),
+      Scan(w, xqz, hp, bp, Mu, N, K, G, offsets != 0, std::min(T, c * per),
            std::min(T, (c + 1) * per), lp + c * Mu, fp[c]);
     });
   }
@@ -305,14 +304,12 @@ ffi::Error QArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                            cp[j].n, cp[j].n + 1);
     });
   }
-  // Per row, the first of the maxima (a NaN counts as the maximum, as in jnp.argmax).
+  // Per row, the first of the maxima (a NaN counts as the maximum, as in jnp.argmax); a row's
+  // candidates are in ascending n (all of a row that is not finite, or the chunks' in order).
   std::vector<float> top(Mu, -std::numeric_limits<float>::infinity());
   std::vector<int32_t> arg(Mu, -1);
-  std::vector<std::pair<int32_t, int64_t>> order(nc);
-  for (int64_t j = 0; j < nc; ++j) order[j] = {cand[j].n, j};
-  std::sort(order.begin(), order.end());
-  for (const auto& [n, j] : order) {
-    const int32_t i = cand[j].row;
+  for (int64_t j = 0; j < nc; ++j) {
+    const int32_t i = cand[j].row, n = cand[j].n;
     const float v = score[j];
     if (arg[i] >= 0 && std::isnan(top[i])) continue;
     if (arg[i] < 0 || std::isnan(v) || v > top[i]) {
