@@ -152,7 +152,7 @@ def test_qargmax_is_the_argmax_of_qmatmul(m, group, offsets):
 
 
 @needs_kernel
-def test_qargmax_in_the_avx2_build(tmp_path):
+def test_qargmax_in_the_avx2_build():
     # The AVX2 build (vpmaddubsw, 7-bit codes of x) is the one AVX2-only CPUs run; an AVX-512
     # CPU builds it too when asked, in a process of its own. On an AVX2-only CPU this repeats
     # the test above in a fresh process (no skip: CI=true fails a run with one).
